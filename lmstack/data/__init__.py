@@ -1,0 +1,1 @@
+"""Data: curation pipeline (curate/), tokenization to shards (tokenize.py)."""

@@ -1,0 +1,308 @@
+"""The decoder-only Transformer: one definition for training, fine-tuning, inference and export.
+
+Two families share this file, selected by `ModelConfig.family`:
+  gpt2  : learned positions, LayerNorm, GELU MLP, biases (GPT-2).
+  llama : RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, optional q/k/v bias (LLaMA, Qwen2,
+          Mistral, SmolLM; Mixtral when `n_experts > 0`).
+Parameter names follow Hugging Face LLaMA (`q_proj`, `gate_proj`, ...) so converters and PEFT
+adapters map one to one.
+
+Attention runs through `F.scaled_dot_product_attention`. Generation passes a cache object (anything
+with `.length` and `.update(layer, k, v)`, see `KVCache`) into the same modules; no second copy
+of attention exists anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.config import ModelConfig
+from lmstack.errors import LmstackError
+from lmstack.model.moe import MoEFeedForward
+
+
+class Cache(Protocol):
+    """What attention needs from a KV cache. The engine's paged cache implements the same."""
+
+    length: int  # tokens already stored (same for every sequence in the batch)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_kv_head, T, head_dim) for `layer`; return all keys/values so far."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """Called once per forward after every layer has stored its `n` new positions."""
+        ...
+
+
+class KVCache:
+    """Contiguous preallocated cache: per layer (B, n_kv_head, max_len, head_dim) for k and v."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise LmstackError(
+                f"sequence of {end} tokens exceeds the KV cache of {self.max_len}; "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. sequences still generating)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, vocab) or (B, 1, vocab) with last_logits_only
+    loss: Tensor | None = None  # lm_loss + moe_aux_loss_coef * aux_loss: what training minimises
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None  # MoE load-balancing loss summed over layers (0 for dense)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Computed in fp32 like the reference LLaMA, then cast back (matters under bf16 autocast).
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (length, head_dim) in fp32, halves duplicated (the HF `rotate_half` layout)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (length, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, n_head, T, head_dim); cos/sin broadcastable to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Cache | None) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, L, head_dim), L = past + T
+        dropout = cfg.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=cfg.n_kv_head != cfg.n_head
+            )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=cfg.n_kv_head != cfg.n_head
+            )
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
+        return self.o_proj(y)
+
+
+class FeedForward(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.swiglu = cfg.family == "llama"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = MoEFeedForward(cfg, FeedForward) if cfg.is_moe else FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope, mask, cache) -> tuple[Tensor, Tensor | None]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        h = self.ffn(self.ffn_norm(x))
+        aux = None
+        if isinstance(h, tuple):  # MoE returns (output, load-balancing loss)
+            h, aux = h
+        return x + self.dropout(h), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.family == "gpt2":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._rope_cache: tuple[Tensor, Tensor] | None = None
+        self.reset_parameters()
+
+    # -- initialisation ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:  # norm weights
+                nn.init.ones_(p)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward -------------------------------------------------------------------------------
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        need = int(positions.max()) + 1
+        cached = self._rope_cache
+        if cached is None or cached[0].shape[0] < need or cached[0].device != positions.device:
+            length = max(need, self.cfg.max_seq_len)
+            cached = self._rope_cache = rope_tables(self.cfg, length, positions.device)
+        cos, sin = cached[0][positions], cached[1][positions]  # (T, hd) or (B, T, hd)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
+        return cos, sin
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: Cache | None = None,
+        positions: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        last_logits_only: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> ModelOutput:
+        """idx (B, T) token ids. targets (B, T) with -100 to ignore.
+
+        cache: continue after `cache.length` stored positions. positions: (T,) or (B, T) explicit
+        position ids (left-padded batches). key_mask: (B, L) bool, False for padded key positions
+        over the whole sequence so far (L = past + T).
+        """
+        cfg = self.cfg
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device)
+        if int(positions.max()) >= cfg.max_seq_len and cfg.family == "gpt2":
+            raise LmstackError(
+                f"position {int(positions.max())} is beyond the model's context of {cfg.max_seq_len} tokens; "
+                "shorten the input"
+            )
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        rope = None
+        if cfg.family == "gpt2":
+            x = x + self.pos_emb(positions)
+        else:
+            rope = self._rope(positions)
+        x = self.drop(x)
+        mask = self._attention_mask(T, past, key_mask, idx.device)
+        aux_total = None
+        for block in self.layers:
+            x, aux = block(x, rope, mask, cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if last_logits_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, vocab)
+        out = ModelOutput(logits=logits, aux_loss=aux_total)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                label_smoothing=label_smoothing,
+            )
+            out.loss = out.lm_loss if aux_total is None else out.lm_loss + cfg.moe_aux_loss_coef * aux_total
+        return out
+
+    @staticmethod
+    def _attention_mask(T: int, past: int, key_mask: Tensor | None, device) -> Tensor | None:
+        """None when plain causal attention suffices (SDPA's fast path); else a bool (B|1, 1, T, L) mask."""
+        if key_mask is None and (past == 0 or T == 1):
+            return None
+        L = past + T
+        causal = torch.arange(L, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
+        mask = causal[None, None]  # (1, 1, T, L)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :L].bool()
+            # A fully masked row (a pad query) would give NaN; let it see itself instead.
+            mask = _unmask_empty_rows(mask, past)
+        return mask
+
+
+def _unmask_empty_rows(mask: Tensor, past: int) -> Tensor:
+    """Rows with no visible key (padding queries) attend to their own position to avoid NaNs."""
+    empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    if not bool(empty.any()):
+        return mask
+    T, L = mask.shape[-2], mask.shape[-1]
+    own = torch.zeros(T, L, dtype=torch.bool, device=mask.device)
+    own[torch.arange(T), past + torch.arange(T)] = True
+    return mask | (empty & own)

@@ -51,7 +51,9 @@ class ModelConfig:
     moe_norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (Mixtral)
 
     def __post_init__(self) -> None:
-        require(self.family in ("gpt2", "llama"), f"model.family must be 'gpt2' or 'llama', got {self.family!r}")
+        require(
+            self.family in ("gpt2", "llama"), f"model.family must be 'gpt2' or 'llama', got {self.family!r}"
+        )
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -136,26 +138,61 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
     # GPT-2 family at the same size: the benchmark config against nanoGPT.
     "tiny-gpt2": dict(
-        family="gpt2", vocab_size=4096, n_layer=4, n_head=4, d_model=128, max_seq_len=256, bias=True,
+        family="gpt2",
+        vocab_size=4096,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        max_seq_len=256,
+        bias=True,
         tie_embeddings=True,
     ),
     "small": dict(vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, max_seq_len=512),
     "gpt2-124m": dict(
-        family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024, bias=True,
+        family="gpt2",
+        vocab_size=50257,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        max_seq_len=1024,
+        bias=True,
         norm_eps=1e-5,
     ),
     "smollm2-135m": dict(
-        vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=8192,
-        rope_theta=100000.0, norm_eps=1e-5,
+        vocab_size=49152,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_model=576,
+        d_ff=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
     ),
     "qwen2.5-0.5b": dict(
-        vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896, d_ff=4864, max_seq_len=32768,
-        rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+        vocab_size=151936,
+        n_layer=24,
+        n_head=14,
+        n_kv_head=2,
+        d_model=896,
+        d_ff=4864,
+        max_seq_len=32768,
+        rope_theta=1000000.0,
+        norm_eps=1e-6,
+        qkv_bias=True,
     ),
     # Mixture of experts at tiny size: 4 experts, top-2, plus a shared expert.
     "moe-tiny": dict(
-        vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=256, max_seq_len=256,
-        n_experts=4, n_experts_per_tok=2, moe_shared_expert=True,
+        vocab_size=4096,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        d_model=128,
+        d_ff=256,
+        max_seq_len=256,
+        n_experts=4,
+        n_experts_per_tok=2,
+        moe_shared_expert=True,
     ),
 }
 
@@ -211,13 +248,19 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        require(self.schedule in ("cosine", "wsd", "constant"), f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        require(
+            self.schedule in ("cosine", "wsd", "constant"),
+            f"schedule must be cosine, wsd or constant, got {self.schedule!r}",
+        )
         require(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         require(
             self.dtype in ("float32", "bfloat16", "float16"),
             f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
         )
-        require(self.batch_size > 0 and self.seq_len > 0 and self.grad_accum > 0, "batch_size, seq_len and grad_accum must be positive")
+        require(
+            self.batch_size > 0 and self.seq_len > 0 and self.grad_accum > 0,
+            "batch_size, seq_len and grad_accum must be positive",
+        )
 
 
 # --- Building dataclasses from plain dicts (YAML, --set) with strict key checking ------------------
@@ -320,7 +363,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise LmstackError(f"recipe file {str(path)!r} not found; pass an existing YAML file such as recipes/tiny.yaml")
+        raise LmstackError(
+            f"recipe file {str(path)!r} not found; pass an existing YAML file such as recipes/tiny.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -24,7 +24,10 @@ def stdlib_docstrings(max_bytes: int = 4_000_000) -> Iterator[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     total = 0
     for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.relative_to(root).parts):
+        if any(
+            part in ("test", "tests", "idlelib", "site-packages", "lib2to3")
+            for part in path.relative_to(root).parts
+        ):
             continue
         for doc in _docstrings(path):
             yield doc

@@ -44,7 +44,9 @@ def resolve_inputs(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            )
             if not found:
                 raise LmstackError(f"directory {str(path)!r} holds no .txt, .md, .jsonl or .parquet files")
             files.extend(found)
@@ -80,7 +82,9 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise LmstackError(f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line") from None
+                raise LmstackError(
+                    f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line"
+                ) from None
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise LmstackError(f"{path}:{line_no}: no string field {field!r}; pass --text-field NAME")
@@ -165,7 +169,12 @@ class _ShardWriter:
         self.pending, self.pending_tokens = [], 0
 
     def summary(self) -> dict[str, Any]:
-        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+        return {
+            "shards": self.shards,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": self.bytes,
+        }
 
 
 def tokenize_corpus(
@@ -200,9 +209,15 @@ def tokenize_corpus(
     index = 0
     batches = _batched(iter(docs), 256)
     bar = tqdm(total=len(docs), desc="tokenize", unit="doc", file=sys.stderr, disable=None)
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) if workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),))
+        if workers > 1
+        else None
+    )
     try:
-        encoded_batches = pool.map(_encode_chunk, batches) if pool else (tokenizer.encode_batch(b) for b in batches)
+        encoded_batches = (
+            pool.map(_encode_chunk, batches) if pool else (tokenizer.encode_batch(b) for b in batches)
+        )
         for batch_docs, batch_ids in zip(_batched(iter(docs), 256), encoded_batches, strict=True):
             for text, ids in zip(batch_docs, batch_ids, strict=True):
                 split = "val" if val_fraction > 0 and _in_val(index, seed, val_fraction) else "train"

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from lmstack.tokenizer import Tokenizer
 
 FORMAT = "lmstack"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -37,7 +36,10 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_model_dir(
-    model: Transformer, out_dir: str | Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None
+    model: Transformer,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -109,12 +111,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LmstackError(f"{path} is not a readable safetensors file ({exc}); the checkpoint is corrupt") from None
+        raise LmstackError(
+            f"{path} is not a readable safetensors file ({exc}); the checkpoint is corrupt"
+        ) from None
 
 
 def load_weights(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Assign tensors to a (possibly meta-device) model, checking names and shapes with clear errors."""
-    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
+    expected = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (k == "lm_head.weight" and model.cfg.tie_embeddings)
+    }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

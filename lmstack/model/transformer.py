@@ -98,7 +98,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Tensor]:
     """cos/sin tables (length, head_dim) in fp32, halves duplicated (the HF `rotate_half` layout)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+    )
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (length, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -122,11 +124,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Cache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Cache | None
+    ) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        k = (
+            self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        )  # (B, n_kv_head, T, head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -203,7 +209,11 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                scale = (
+                    1 / math.sqrt(2 * self.cfg.n_layer)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else 1
+                )
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

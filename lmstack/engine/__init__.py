@@ -1,0 +1,1 @@
+"""Inference engine: generation with a KV cache, sampling, terminal chat."""

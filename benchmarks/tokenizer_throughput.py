@@ -81,14 +81,18 @@ def main() -> None:
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     print(f"corpus: {len(docs):,} stdlib files, {mb:.1f} MB; vocab {args.vocab_size}")
     ours = bench_lmstack(docs, args.vocab_size)
-    print(f"lmstack (HF tokenizers BPE): train {mb / ours[0]:6.2f} MB/s  encode {mb / ours[1]:6.2f} MB/s  "
-          f"{mb * 1e6 / ours[2]:.2f} bytes/token")
+    print(
+        f"lmstack (HF tokenizers BPE): train {mb / ours[0]:6.2f} MB/s  encode {mb / ours[1]:6.2f} MB/s  "
+        f"{mb * 1e6 / ours[2]:.2f} bytes/token"
+    )
     peer = bench_sentencepiece(docs, args.vocab_size)
     if peer is None:
         print("sentencepiece not installed: no peer figures (pip install sentencepiece)")
         return
-    print(f"sentencepiece BPE          : train {mb / peer[0]:6.2f} MB/s  encode {mb / peer[1]:6.2f} MB/s  "
-          f"{mb * 1e6 / peer[2]:.2f} bytes/token")
+    print(
+        f"sentencepiece BPE          : train {mb / peer[0]:6.2f} MB/s  encode {mb / peer[1]:6.2f} MB/s  "
+        f"{mb * 1e6 / peer[2]:.2f} bytes/token"
+    )
     print(f"ratio lmstack/sentencepiece: train {peer[0] / ours[0]:.2f}x  encode {peer[1] / ours[1]:.2f}x")
 
 

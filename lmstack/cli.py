@@ -16,9 +16,7 @@ from lmstack.errors import LmstackError
 def _tokenizer_train(args: argparse.Namespace) -> None:
     from lmstack.tokenizer import train_tokenizer_from_files
 
-    tok = train_tokenizer_from_files(
-        args.input, args.vocab_size, args.out, args.min_frequency, args.text_field
-    )
+    tok = train_tokenizer_from_files(args.input, args.vocab_size, args.out, args.min_frequency, args.text_field)
     print(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json", file=sys.stderr)
 
 
@@ -44,14 +42,16 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from lmstack.config import load_train_config
-    from lmstack.train.pretrain import pretrain
 
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out={args.out}")
     if args.data:
         overrides.append(f"data={args.data}")
-    cfg = load_train_config(args.recipe, overrides)
+    cfg = load_train_config(args.recipe, overrides)  # config errors surface before the heavy imports
+
+    from lmstack.train.pretrain import pretrain
+
     pretrain(cfg, resume=args.resume)
 
 
@@ -98,9 +98,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmstack", description="The whole LLM stack in one PyTorch codebase."
-    )
+    parser = argparse.ArgumentParser(prog="lmstack", description="The whole LLM stack in one PyTorch codebase.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable, help: str, parent=sub) -> argparse.ArgumentParser:
@@ -123,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="curate raw data and tokenize it into shards").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND"
     )
-    p = command(
-        "tokenize", _data_tokenize, "encode documents into uint16/uint32 token shards + meta.json", data
-    )
+    p = command("tokenize", _data_tokenize, "encode documents into uint16/uint32 token shards + meta.json", data)
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--out", required=True)
@@ -133,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="encoding processes (0: up to 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text")
-    p = command(
-        "prepare", _data_prepare, "run a curation pipeline recipe: read, clean, filter, dedup, write", data
-    )
+    p = command("prepare", _data_prepare, "run a curation pipeline recipe: read, clean, filter, dedup, write", data)
     p.add_argument("--recipe", required=True, help="data recipe YAML (see docs/data.md)")
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=0)

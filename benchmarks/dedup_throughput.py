@@ -69,9 +69,7 @@ def run_datasketch(docs: list[str], cfg: DedupConfig) -> tuple[float, list[set[i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--skip-datasketch", action="store_true")
     args = parser.parse_args()

@@ -43,11 +43,7 @@ def child(which: str) -> None:
     seconds = time.perf_counter() - START
     n_params = sum(p.numel() for p in model.parameters())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(
-        json.dumps(
-            {"seconds": seconds, "peak_rss_mb": peak_mb, "params": n_params, "tok": tokenizer is not None}
-        )
-    )
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "params": n_params, "tok": tokenizer is not None}))
 
 
 def run(which: str, threads: int) -> dict:
@@ -61,9 +57,7 @@ def run(which: str, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", choices=["lmstack", "transformers"], help=argparse.SUPPRESS)

@@ -271,7 +271,7 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise LmstackError(_unknown_key_message(key, list(fields), where))
+            raise LmstackError(unknown_key_message(key, list(fields), where))
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
@@ -299,7 +299,7 @@ _FAMILIAR_NAMES = {
 }
 
 
-def _unknown_key_message(key: str, known: list[str], where: str) -> str:
+def unknown_key_message(key: str, known: list[str], where: str) -> str:
     full = f"{where}.{key}" if where else key
     familiar = _FAMILIAR_NAMES.get(key)
     close = [familiar] if familiar in known else difflib.get_close_matches(key, known, n=1)
@@ -348,20 +348,23 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["model.n_layer=4", "lr=1e-3"]` -> nested dict; values parsed as YAML scalars."""
+    """`["model.n_layer=4", "lr=1e-3"]` -> nested dict; values parsed as YAML scalars.
+
+    Pairs apply in order with `merge` semantics, so `model=tiny model.vocab_size=512` means
+    "preset tiny with vocab_size 512", and a later pair wins over an earlier one.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise LmstackError(f"override {pair!r} is not key=value; write e.g. --set lr=1e-3")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise LmstackError(f"override {pair!r} conflicts with an earlier one for {part!r}")
-        node[parts[-1]] = value
+        if not all(parts):
+            raise LmstackError(f"override {pair!r} has an empty key part; write e.g. --set model.n_layer=4")
+        value: Any = yaml.safe_load(raw) if raw else ""
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        out = merge(out, {parts[0]: value})
     return out
 
 

@@ -44,9 +44,7 @@ def _alias_path(alias: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise LmstackError(
-            f"package {dist!r} is installed but has no {filename}; reinstall it: pip install -U {dist}"
-        )
+        raise LmstackError(f"package {dist!r} is installed but has no {filename}; reinstall it: pip install -U {dist}")
     return path
 
 

@@ -43,9 +43,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, thread
     _say(f"2/5 tokenizer: {tokenizer.vocab_size:,} tokens -> {out / 'tokenizer'}")
 
     meta = tokenize_corpus([corpus], out / "tokenizer", out / "data", val_fraction=0.02)
-    _say(
-        f"3/5 shards: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val tokens"
-    )
+    _say(f"3/5 shards: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val tokens")
 
     run_dir = out / "run"
     if run_dir.exists():  # a rerun starts a fresh run rather than resuming an old one
@@ -68,9 +66,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, thread
             "sample_prompt=Return the",
         ],
     )
-    _say(
-        f"4/5 pretraining the tiny model for {minutes:g} minutes (Ctrl-C stops early and keeps the checkpoint)"
-    )
+    _say(f"4/5 pretraining the tiny model for {minutes:g} minutes (Ctrl-C stops early and keeps the checkpoint)")
     summary = pretrain(cfg)
 
     model, tok = load_model_dir(run_dir / "checkpoint")

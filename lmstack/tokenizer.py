@@ -64,9 +64,7 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = self.eos_id
         # Tokens that end a generation: eos plus e.g. <|im_end|> for chat models.
-        self.stop_ids = {
-            i for i in [self.eos_id, *(self._special_id(t) for t in extra_eos_tokens)] if i is not None
-        }
+        self.stop_ids = {i for i in [self.eos_id, *(self._special_id(t) for t in extra_eos_tokens)] if i is not None}
 
     def _special_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -83,11 +81,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        prefix = (
-            [self.bos_id]
-            if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None
-            else []
-        )
+        prefix = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []
         return [prefix + e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -159,9 +153,7 @@ class Tokenizer:
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # HF allows a list of named templates; take the default one
-            template = next(
-                (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
-            )
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         extra_eos = list(config.get("extra_eos_tokens", []))
         if template and IM_END in template and backend.token_to_id(IM_END) is not None:
             extra_eos.append(IM_END)
@@ -192,13 +184,9 @@ def _compile_template(source: str):
         raise LmstackError(f"chat template rejected the conversation: {message}")
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -28,7 +28,12 @@ from lmstack.utils.io import atomic_path, atomic_write_text
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 0) -> float:
     """Achievable matmul FLOP/s on `device` in `dtype`: the denominator of MFU, measured, not looked up.
 
-    Measured once per process and device/dtype (about half a second on a 2-core CPU)."""
+    Measured once per process and device/dtype (about half a second on a 2-core CPU). On CPU the
+    fp32 rate is the reference whatever the autocast dtype: CPUs without native bf16/fp16 matmul
+    emulate them many times slower (a 1536^3 bf16 matmul takes seconds here), which would both stall
+    start-up and report MFU above 100%."""
+    if device.type == "cpu":
+        dtype = torch.float32
     size = size or (1536 if device.type == "cpu" else 8192)
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (dropout) untouched
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
@@ -193,9 +198,7 @@ def write_report(
     if samples:
         parts.append("<h2>Samples</h2>")
         for r in samples[-5:]:
-            parts.append(
-                f"<p>step {r['step']}:</p><pre><b>{esc(r.get('prompt', ''))}</b>{esc(r['sample'])}</pre>"
-            )
+            parts.append(f"<p>step {r['step']}:</p><pre><b>{esc(r.get('prompt', ''))}</b>{esc(r['sample'])}</pre>")
     loads = [r for r in records if r.get("expert_load")]
     if loads:
         last = loads[-1]

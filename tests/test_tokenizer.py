@@ -74,9 +74,9 @@ def test_saved_tokenizer_loads_in_transformers_identically(trained, tmp_path):
     for text in SAMPLES[:5]:
         assert hf.encode(text, add_special_tokens=False) == trained.encode(text)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
-    assert hf.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    ) == trained.apply_chat_template(messages)
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == trained.apply_chat_template(
+        messages
+    )
 
 
 def test_vocab_too_small_is_a_clear_error():
@@ -102,9 +102,7 @@ def test_reads_txt_jsonl_parquet_and_directories(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("alpha beta gamma " * 50)
     (tmp_path / "src" / "b.md").write_text("# delta\n\nepsilon zeta " * 50)
-    (tmp_path / "c.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"line {i} eta theta"}) for i in range(50))
-    )
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} eta theta"}) for i in range(50)))
     pq.write_table(pa.table({"text": ["iota kappa lambda"] * 50}), tmp_path / "d.parquet")
     tok = train_tokenizer_from_files(
         [tmp_path / "src", tmp_path / "c.jsonl", tmp_path / "d.parquet"], 400, tmp_path / "t"

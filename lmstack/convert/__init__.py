@@ -76,9 +76,7 @@ def convert(model_ref: str, to: str, out: str | Path, dtype: str | None = None) 
         from lmstack.convert.gguf import EXPORT_DTYPES, save_gguf
 
         if dtype is not None and dtype.lower() not in EXPORT_DTYPES:
-            raise LmstackError(
-                f"--dtype {dtype!r} is not a GGUF type; choose one of {', '.join(EXPORT_DTYPES)}"
-            )
+            raise LmstackError(f"--dtype {dtype!r} is not a GGUF type; choose one of {', '.join(EXPORT_DTYPES)}")
         if out.suffix != ".gguf":
             raise LmstackError(f"--out {str(out)!r} must be a file name ending in .gguf")
         model, tokenizer = load_model(model_ref)

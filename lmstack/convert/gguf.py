@@ -202,9 +202,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     cur = _Cursor(buf, path)
     cur.need(4, "the magic number")
     if buf[:4] != GGUF_MAGIC:
-        raise LmstackError(
-            f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf"
-        )
+        raise LmstackError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf")
     cur.pos = 4
     version = cur.scalar(4, "the version")
     if version not in (2, 3):
@@ -233,15 +231,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
             raise LmstackError(
-                f"{path}: tensor {name!r} has unknown GGML type {qtype}; "
-                f"supported types: {', '.join(SUPPORTED_QUANTS)}"
+                f"{path}: tensor {name!r} has unknown GGML type {qtype}; supported types: {', '.join(SUPPORTED_QUANTS)}"
             ) from None
         cols = shape[-1] if shape else 1
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         if cols % block:
-            raise LmstackError(
-                f"{path} is corrupt: tensor {name!r} row of {cols} is not a multiple of {block}"
-            )
+            raise LmstackError(f"{path} is corrupt: tensor {name!r} row of {cols} is not a multiple of {block}")
         row_bytes = cols // block * type_size
         start = data_start + offset
         end = start + rows * row_bytes
@@ -459,9 +454,7 @@ def gguf_tensors(gf: GGUFFile, cfg: ModelConfig):
     def fetch(name: str) -> torch.Tensor:
         t = gf.tensors.get(name)
         if t is None:
-            raise LmstackError(
-                f"{path}: tensor {name!r} is missing; the file is incomplete or not a {arch} model"
-            )
+            raise LmstackError(f"{path}: tensor {name!r} is missing; the file is incomplete or not a {arch} model")
         return dequantize_tensor(t, path)
 
     for ours, theirs in expected.items():
@@ -475,9 +468,7 @@ def gguf_tensors(gf: GGUFFile, cfg: ModelConfig):
         if arch == "gpt2":
             qkv_w, qkv_b = fetch(f"blk.{i}.attn_qkv.weight"), fetch(f"blk.{i}.attn_qkv.bias")
             known.update({f"blk.{i}.attn_qkv.weight", f"blk.{i}.attn_qkv.bias"})
-            for proj, w, b in zip(
-                ("q_proj", "k_proj", "v_proj"), qkv_w.chunk(3), qkv_b.chunk(3), strict=True
-            ):
+            for proj, w, b in zip(("q_proj", "k_proj", "v_proj"), qkv_w.chunk(3), qkv_b.chunk(3), strict=True):
                 yield f"layers.{i}.attn.{proj}.weight", w.contiguous()
                 yield f"layers.{i}.attn.{proj}.bias", b.contiguous()
         if cfg.is_moe:
@@ -510,9 +501,7 @@ def export_arch(cfg: ModelConfig, where: str = "GGUF export") -> str:
             raise LmstackError(f"{where}: a gpt2-family model needs plain multi-head attention and no MoE")
         return "gpt2"
     if cfg.bias:
-        raise LmstackError(
-            f"{where}: llama-family models with biases on every linear layer are not supported"
-        )
+        raise LmstackError(f"{where}: llama-family models with biases on every linear layer are not supported")
     if cfg.is_moe and (cfg.moe_shared_expert or not cfg.moe_norm_topk_prob or cfg.moe_capacity_factor):
         raise LmstackError(
             f"{where}: only Mixtral-style MoE (no shared expert, renormalised top-k, no capacity limit) "
@@ -536,9 +525,7 @@ def save_gguf(
 
     dtype = (dtype or "f16").lower()
     if dtype not in EXPORT_DTYPES:
-        raise LmstackError(
-            f"--dtype {dtype!r} is not a GGUF export type; choose one of {', '.join(EXPORT_DTYPES)}"
-        )
+        raise LmstackError(f"--dtype {dtype!r} is not a GGUF export type; choose one of {', '.join(EXPORT_DTYPES)}")
     if tokenizer is None:
         raise LmstackError(
             "GGUF export needs a tokenizer (llama.cpp reads the vocabulary from the file); "
@@ -633,10 +620,7 @@ def _export_tensors(model: Transformer, arch: str):
         p = f"layers.{i}"
         if arch == "gpt2":
             ws = [state[f"{p}.attn.{x}_proj.weight"] for x in "qkv"]
-            bs = [
-                state.get(f"{p}.attn.{x}_proj.bias", torch.zeros(w.shape[0]))
-                for x, w in zip("qkv", ws, strict=True)
-            ]
+            bs = [state.get(f"{p}.attn.{x}_proj.bias", torch.zeros(w.shape[0])) for x, w in zip("qkv", ws, strict=True)]
             yield f"blk.{i}.attn_qkv.weight", torch.cat(ws)
             yield f"blk.{i}.attn_qkv.bias", torch.cat(bs)
         if cfg.is_moe:

@@ -45,10 +45,7 @@ PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
         for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
     },
     **{name: ("llama3", False, False) for name in ("smaug-bpe", "dbrx")},
-    **{
-        name: ("qwen2", False, False)
-        for name in ("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2")
-    },
+    **{name: ("qwen2", False, False) for name in ("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2")},
     **{
         name: ("digits", False, False)
         for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
@@ -65,9 +62,7 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the spelling of byte-level vocabularies)."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     chars = list(keep)
     extra = 0
     for b in range(256):
@@ -142,9 +137,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> Tokenizer:
     for m in merges_raw:
         a, sep, b = m.partition(" ")
         if not sep:
-            raise LmstackError(
-                f"{path}: merge {m!r} in tokenizer.ggml.merges is not 'a b'; the file is corrupt"
-            )
+            raise LmstackError(f"{path}: merge {m!r} in tokenizer.ggml.merges is not 'a b'; the file is corrupt")
         merges.append((a, b))
     try:
         model = models.BPE(vocab, merges, ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False)

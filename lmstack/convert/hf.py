@@ -90,13 +90,9 @@ def hf_model_config(raw: dict[str, Any], path: Path) -> ModelConfig:
     if arch == "GPT2LMHeadModel":
         act = raw.get("activation_function", "gelu_new")
         if act not in _TANH_GELU:
-            raise LmstackError(
-                f"{where}: activation_function {act!r} is not supported; supported: {_TANH_GELU}"
-            )
+            raise LmstackError(f"{where}: activation_function {act!r} is not supported; supported: {_TANH_GELU}")
         if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
-            raise LmstackError(
-                f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx) are not supported"
-            )
+            raise LmstackError(f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx) are not supported")
         d = int(need("n_embd"))
         values = dict(
             family="gpt2",
@@ -172,15 +168,11 @@ def safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
-            raise LmstackError(
-                f"{index} is not a valid safetensors index ({exc}); the download is corrupt"
-            ) from None
+            raise LmstackError(f"{index} is not a valid safetensors index ({exc}); the download is corrupt") from None
         files = [directory / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise LmstackError(
-                f"{index} lists shard {missing[0]} which does not exist; the download is incomplete"
-            )
+            raise LmstackError(f"{index} lists shard {missing[0]} which does not exist; the download is incomplete")
         return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -205,9 +197,7 @@ class _LazyTensors:
             try:
                 handle = safe_open(str(f), framework="pt")
             except Exception as exc:  # SafetensorError, OSError: header unreadable or truncated
-                raise LmstackError(
-                    f"{f} is not a readable safetensors file ({exc}); the file is corrupt"
-                ) from None
+                raise LmstackError(f"{f} is not a readable safetensors file ({exc}); the file is corrupt") from None
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 self.where[name] = handle
                 self.files[name] = f
@@ -390,13 +380,7 @@ def export_architecture(cfg: ModelConfig, tokenizer: Tokenizer | None = None) ->
             raise LmstackError("HF export: a gpt2-family model needs plain multi-head attention and no MoE")
         return "GPT2LMHeadModel"
     if cfg.is_moe:
-        if (
-            cfg.moe_shared_expert
-            or not cfg.moe_norm_topk_prob
-            or cfg.moe_capacity_factor
-            or cfg.bias
-            or cfg.qkv_bias
-        ):
+        if cfg.moe_shared_expert or not cfg.moe_norm_topk_prob or cfg.moe_capacity_factor or cfg.bias or cfg.qkv_bias:
             raise LmstackError(
                 "HF export: only Mixtral-style MoE (no shared expert, renormalised top-k, no capacity limit, "
                 "no biases) maps to a transformers architecture"
@@ -596,9 +580,7 @@ def describe_safetensors(files: list[Path]) -> dict[str, Any]:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LmstackError(
-                f"{f} is not a readable safetensors file ({exc}); the file is corrupt"
-            ) from None
+            raise LmstackError(f"{f} is not a readable safetensors file ({exc}); the file is corrupt") from None
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -53,9 +53,7 @@ def describe_model(ref: str | Path) -> dict[str, Any]:
 
         gf = read_gguf(path)
         cfg = gguf_model_config(gf)
-        info.update(
-            describe(gf), architecture=f"gguf:{gf.architecture}", name=gf.metadata.get("general.name")
-        )
+        info.update(describe(gf), architecture=f"gguf:{gf.architecture}", name=gf.metadata.get("general.name"))
         info["files"] = {path.name: path.stat().st_size}
         tokenizer = tokenizer_from_gguf(gf.metadata, path)
         info["tokenizer_pre"] = gf.metadata.get("tokenizer.ggml.pre")
@@ -112,8 +110,7 @@ def inspect_model(ref: str | Path) -> dict[str, Any]:
         f"format        {info['format']} ({info['path']})",
         f"architecture  {info['architecture']} -> lmstack family {cfg.family!r}",
         f"              {_arch_line(cfg)}",
-        f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f}M; "
-        f"fp32 in memory {_size(info['fp32_bytes'])})",
+        f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f}M; fp32 in memory {_size(info['fp32_bytes'])})",
         f"stored as     {', '.join(f'{k} x{v}' for k, v in dtypes.items())}",
         f"context       {info['context_length']:,} tokens",
     ]

@@ -25,8 +25,7 @@ def stdlib_docstrings(max_bytes: int = 4_000_000) -> Iterator[str]:
     total = 0
     for path in sorted(root.rglob("*.py")):
         if any(
-            part in ("test", "tests", "idlelib", "site-packages", "lib2to3")
-            for part in path.relative_to(root).parts
+            part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.relative_to(root).parts
         ):
             continue
         for doc in _docstrings(path):

@@ -44,9 +44,7 @@ def resolve_inputs(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-            )
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise LmstackError(f"directory {str(path)!r} holds no .txt, .md, .jsonl or .parquet files")
             files.extend(found)
@@ -82,9 +80,7 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise LmstackError(
-                    f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line"
-                ) from None
+                raise LmstackError(f"{path}:{line_no}: malformed JSON ({exc.msg}); fix or remove that line") from None
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise LmstackError(f"{path}:{line_no}: no string field {field!r}; pass --text-field NAME")
@@ -210,14 +206,10 @@ def tokenize_corpus(
     batches = _batched(iter(docs), 256)
     bar = tqdm(total=len(docs), desc="tokenize", unit="doc", file=sys.stderr, disable=None)
     pool = (
-        ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),))
-        if workers > 1
-        else None
+        ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) if workers > 1 else None
     )
     try:
-        encoded_batches = (
-            pool.map(_encode_chunk, batches) if pool else (tokenizer.encode_batch(b) for b in batches)
-        )
+        encoded_batches = pool.map(_encode_chunk, batches) if pool else (tokenizer.encode_batch(b) for b in batches)
         for batch_docs, batch_ids in zip(_batched(iter(docs), 256), encoded_batches, strict=True):
             for text, ids in zip(batch_docs, batch_ids, strict=True):
                 split = "val" if val_fraction > 0 and _in_val(index, seed, val_fraction) else "train"

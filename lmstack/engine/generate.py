@@ -37,9 +37,7 @@ class SamplingParams:
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        require(
-            self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}"
-        )
+        require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
@@ -66,9 +64,7 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample_next(
-    logits: Tensor, params: SamplingParams, history: Tensor, generator: torch.Generator | None
-) -> Tensor:
+def sample_next(logits: Tensor, params: SamplingParams, history: Tensor, generator: torch.Generator | None) -> Tensor:
     """Pick the next token for each row. logits (B, V) float; returns (B,) int64."""
     logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
     if params.temperature == 0:
@@ -84,9 +80,7 @@ def _check_prompt(model: Transformer, n_prompt: int, params: SamplingParams) -> 
     if n_prompt == 0:
         raise LmstackError("the prompt is empty; pass some text with --prompt")
     if n_prompt >= context:
-        raise LmstackError(
-            f"the prompt has {n_prompt} tokens but the model's context is {context}; shorten the prompt"
-        )
+        raise LmstackError(f"the prompt has {n_prompt} tokens but the model's context is {context}; shorten the prompt")
     return min(params.max_new_tokens, context - n_prompt)
 
 
@@ -214,9 +208,7 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def load_for_inference(
-    model_ref: str, device: str = "auto", dtype: str | None = None
-) -> tuple[Transformer, Tokenizer]:
+def load_for_inference(model_ref: str, device: str = "auto", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
     from lmstack.hub import load_model
     from lmstack.utils.device import resolve_device, resolve_dtype
 
@@ -232,9 +224,7 @@ def generate_cli(args: argparse.Namespace) -> None:
     params = params_from_args(args)
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     if args.chat:
-        prompt_ids = tokenizer.encode(
-            tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        )
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     for piece in stream_text(model, tokenizer, prompt_ids, params):

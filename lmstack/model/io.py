@@ -111,18 +111,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LmstackError(
-            f"{path} is not a readable safetensors file ({exc}); the checkpoint is corrupt"
-        ) from None
+        raise LmstackError(f"{path} is not a readable safetensors file ({exc}); the checkpoint is corrupt") from None
 
 
 def load_weights(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Assign tensors to a (possibly meta-device) model, checking names and shapes with clear errors."""
-    expected = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not (k == "lm_head.weight" and model.cfg.tie_embeddings)
-    }
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

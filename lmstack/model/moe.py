@@ -76,9 +76,7 @@ class MoEFeedForward(nn.Module):
 
     def _capacity_mask(self, counts: Tensor, n_tokens: int) -> Tensor:
         """For assignments in expert-sorted order: True for the first `capacity` of each expert."""
-        capacity = math.ceil(
-            self.cfg.moe_capacity_factor * n_tokens * self.cfg.n_experts_per_tok / self.cfg.n_experts
-        )
+        capacity = math.ceil(self.cfg.moe_capacity_factor * n_tokens * self.cfg.n_experts_per_tok / self.cfg.n_experts)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(starts, counts)
         return rank < capacity

@@ -98,9 +98,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Tensor]:
     """cos/sin tables (length, head_dim) in fp32, halves duplicated (the HF `rotate_half` layout)."""
-    inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
-    )
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (length, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -130,9 +128,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = (
-            self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        )  # (B, n_kv_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -210,9 +206,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 scale = (
-                    1 / math.sqrt(2 * self.cfg.n_layer)
-                    if name.endswith(("o_proj.weight", "down_proj.weight"))
-                    else 1
+                    1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
                 )
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             elif name.endswith("bias"):
@@ -224,8 +218,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward -------------------------------------------------------------------------------
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        need = int(positions.max()) + 1
+    def _rope(self, positions: Tensor, need: int) -> tuple[Tensor, Tensor]:
+        """cos/sin for `positions`; `need` = max position + 1 (a Python int, so no device sync)."""
         cached = self._rope_cache
         if cached is None or cached[0].shape[0] < need or cached[0].device != positions.device:
             length = max(need, self.cfg.max_seq_len)
@@ -257,9 +251,12 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device)
-        if int(positions.max()) >= cfg.max_seq_len and cfg.family == "gpt2":
+            max_position = past + T - 1  # known without reading the tensor: keeps torch.compile graphs whole
+        else:
+            max_position = int(positions.max())
+        if max_position >= cfg.max_seq_len and cfg.family == "gpt2":
             raise LmstackError(
-                f"position {int(positions.max())} is beyond the model's context of {cfg.max_seq_len} tokens; "
+                f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; "
                 "shorten the input"
             )
         x = self.tok_emb(idx)  # (B, T, d_model)
@@ -267,7 +264,7 @@ class Transformer(nn.Module):
         if cfg.family == "gpt2":
             x = x + self.pos_emb(positions)
         else:
-            rope = self._rope(positions)
+            rope = self._rope(positions, max_position + 1)
         x = self.drop(x)
         mask = self._attention_mask(T, past, key_mask, idx.device)
         aux_total = None

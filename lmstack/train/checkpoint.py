@@ -99,9 +99,7 @@ def save_checkpoint(
             torch.save(optim_sd, tmp)
         with atomic_path(partial / "rng.pt") as tmp:
             torch.save(rng, tmp)
-        atomic_write_text(
-            partial / "trainer_state.json", json.dumps({"format": FORMAT, **trainer_state}, indent=2)
-        )
+        atomic_write_text(partial / "trainer_state.json", json.dumps({"format": FORMAT, **trainer_state}, indent=2))
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -116,9 +114,7 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise LmstackError(
-            f"{path} is unreadable ({exc}); the checkpoint is corrupt, start a new --out"
-        ) from None
+        raise LmstackError(f"{path} is unreadable ({exc}); the checkpoint is corrupt, start a new --out") from None
     if state.get("format") != FORMAT:
         raise LmstackError(f"{path} is not an lmstack training checkpoint")
     return state
@@ -147,9 +143,7 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, world_size: int, ck
     for key in ("model", "seq_len", "seed"):
         a, b = _flatten({key: saved.get(key)}), _flatten({key: now[key]})
         diffs += [
-            f"{k}={a.get(k)!r} (config now says {b.get(k)!r})"
-            for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)
+            f"{k}={a.get(k)!r} (config now says {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
         ]
     saved_batch = state.get("global_batch")
     batch = cfg.batch_size * cfg.grad_accum * world_size
@@ -174,9 +168,7 @@ def load_model_weights(model: nn.Module, ckpt: Path) -> None:
     load_weights(model, read_safetensors(ckpt / "model.safetensors"))
 
 
-def load_optimizer_and_rng(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, ctx: DistContext
-) -> None:
+def load_optimizer_and_rng(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, ctx: DistContext) -> None:
     """Restore the optimizer (sharding it again under FSDP) and this rank's RNG state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 

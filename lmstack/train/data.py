@@ -19,9 +19,7 @@ import torch
 from lmstack.errors import LmstackError
 
 
-def check_data_fits(
-    n_train: int, n_val: int, batch_size: int, seq_len: int, world_size: int, data: str
-) -> None:
+def check_data_fits(n_train: int, n_val: int, batch_size: int, seq_len: int, world_size: int, data: str) -> None:
     """Refuse runs the data cannot feed: every rank needs one micro-batch of train and one val window."""
     need_train = world_size * batch_size * seq_len + 1
     if n_train < need_train:
@@ -66,9 +64,7 @@ class TrainBatches:
         """Window starts of the whole global batch of `step`: (grad_accum, world_size, batch_size)."""
         rng = np.random.Generator(np.random.PCG64([self.seed, step]))
         n = self.grad_accum * self.world_size * self.batch_size
-        return rng.integers(0, self.max_start + 1, size=n).reshape(
-            self.grad_accum, self.world_size, self.batch_size
-        )
+        return rng.integers(0, self.max_start + 1, size=n).reshape(self.grad_accum, self.world_size, self.batch_size)
 
     def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _windows(self.tokens, self.starts(step)[micro_step, self.rank], self.seq_len)

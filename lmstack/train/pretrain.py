@@ -61,8 +61,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if not resume and ckpt is not None:
         step = ckpt_io.read_trainer_state(ckpt).get("step", "?")
         raise LmstackError(
-            f"{out} already holds a checkpoint (step {step}); "
-            "pass --resume to continue it or choose a new --out"
+            f"{out} already holds a checkpoint (step {step}); pass --resume to continue it or choose a new --out"
         )
     ctx = init_distributed(device)
     try:
@@ -75,9 +74,7 @@ def _open_data(cfg: TrainConfig) -> dict[str, Any]:
     from lmstack.data.tokenize import load_meta, load_split
 
     if not cfg.data:
-        raise LmstackError(
-            "no training data given; pass --data DIR (a directory from `lmstack data tokenize`)"
-        )
+        raise LmstackError("no training data given; pass --data DIR (a directory from `lmstack data tokenize`)")
     if not Path(cfg.data).is_dir():
         raise LmstackError(
             f"data directory {cfg.data!r} does not exist; create it with "
@@ -165,9 +162,7 @@ class Trainer:
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.out = Path(cfg.out)
         self.device = ctx.device
-        check_data_fits(
-            len(data["train"]), len(data["val"]), cfg.batch_size, cfg.seq_len, ctx.world_size, cfg.data
-        )
+        check_data_fits(len(data["train"]), len(data["val"]), cfg.batch_size, cfg.seq_len, ctx.world_size, cfg.data)
         self.global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
         self.tokens_per_step = self.global_batch * cfg.seq_len
         state: dict[str, Any] = {}
@@ -286,9 +281,7 @@ class Trainer:
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
         model = unwrap(self.model)
         model.eval()
-        params = SamplingParams(
-            max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=50, seed=self.step
-        )
+        params = SamplingParams(max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_k=50, seed=self.step)
         with self.autocast:
             new = list(generate_tokens(model, ids, params, stop_ids=tokenizer.stop_ids))
         model.train()
@@ -371,9 +364,7 @@ class Trainer:
                             record["expert_load"] = self.expert_load()
                         self.tracker.log(record)
                         self.last.update({k: record[k] for k in ("loss", "tokens_per_s", "mfu")})
-                        bar.set_postfix(
-                            loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%"
-                        )
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%")
                         window_loss.zero_()
                         window_aux, window_steps = None, 0
                         window_start = time.perf_counter()
@@ -399,11 +390,7 @@ class Trainer:
                 at = ckpt_io.read_trainer_state(saved)["step"] if saved else None
                 print(
                     f"[train] interrupted at step {self.step}; "
-                    + (
-                        f"checkpoint of step {at} in {saved} (continue with --resume)"
-                        if saved
-                        else "no checkpoint"
-                    ),
+                    + (f"checkpoint of step {at} in {saved} (continue with --resume)" if saved else "no checkpoint"),
                     file=sys.stderr,
                 )
             self.tracker.close(self._summary("interrupted"))
@@ -436,8 +423,7 @@ class Trainer:
             parts = [f"step {step}"]
             if do_eval:
                 parts.append(
-                    f"val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} "
-                    f"| bpb {record['val_bpb']:.3f}"
+                    f"val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | bpb {record['val_bpb']:.3f}"
                 )
             bar.write(": ".join(parts), file=sys.stderr)
             if "sample" in record:

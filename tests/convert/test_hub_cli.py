@@ -38,10 +38,7 @@ def test_resolve_every_kind(lmstack_dir, tmp_path):
     assert main(["convert", "--model", str(lmstack_dir), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert resolve(tmp_path / "hf") == ("hf", tmp_path / "hf")
     out = tmp_path / "g" / "model.gguf"
-    assert (
-        main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(out), "--dtype", "f32"])
-        == 0
-    )
+    assert main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
     assert resolve(out) == ("gguf", out)
     assert resolve(out.parent) == ("gguf", out)  # a directory holding one .gguf
 
@@ -138,15 +135,11 @@ def test_convert_dtypes(lmstack_dir, tmp_path):
         )
         == 2
     )
-    assert (
-        main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "x.bin")]) == 2
-    )
+    assert main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "x.bin")]) == 2
 
 
 def test_inspect_every_kind(lmstack_dir, tmp_path, capsys):
-    assert (
-        main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
-    )
+    assert main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     assert main(["convert", "--model", str(lmstack_dir), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     for ref, arch, stored in (

@@ -246,9 +246,7 @@ def test_chat_template_matches_transformers(smollm2, tmp_path):
     for messages in (CONVERSATION, CONVERSATION[1:]):  # without a system turn the template adds its own
         for add_generation_prompt in (True, False):
             ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            theirs = hf_tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            theirs = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
             assert ours == theirs
     assert "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(CONVERSATION[1:])
 

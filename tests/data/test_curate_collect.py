@@ -99,17 +99,13 @@ def test_timeout_is_reported_and_the_run_continues(site, tmp_path):
 def test_interrupted_crawl_resumes_without_refetching(site, tmp_path):
     base, log = site
     state = tmp_path / "resume"
-    first = collect(
-        WebConfig(seeds=[f"{base}/index.html"], max_pages=2, rate_limit=200), state, progress=False
-    )
+    first = collect(WebConfig(seeds=[f"{base}/index.html"], max_pages=2, rate_limit=200), state, progress=False)
     assert first.fetched == 2
     # a crash mid-write leaves half a line; the rerun must cut it and carry on
     with open(first.pages_file, "ab") as f:
         f.write(b'{"url": "half a rec')
     before = list(fetched_paths(log))
-    second = collect(
-        WebConfig(seeds=[f"{base}/index.html"], max_pages=50, rate_limit=200), state, progress=False
-    )
+    second = collect(WebConfig(seeds=[f"{base}/index.html"], max_pages=50, rate_limit=200), state, progress=False)
     refetched = fetched_paths(log)[len(before) :]
     assert second.fetched == 5 and second.new == 3
     assert "/index.html" not in refetched

@@ -55,9 +55,7 @@ def test_gopher_quality_keeps_prose_and_names_each_rule():
     assert reason(gq, hashes) == "symbol_word_ratio"
     bullets = "\n".join(f"• item number {i} of the big list with the names" for i in range(60))
     assert reason(gq, bullets) == "bullet_lines_ratio"
-    ellipsis_lines = "\n".join(
-        f"Read more about the story number {i} and the rest of it..." for i in range(20)
-    )
+    ellipsis_lines = "\n".join(f"Read more about the story number {i} and the rest of it..." for i in range(20))
     assert reason(gq, ellipsis_lines) in ("ellipsis_lines_ratio", "symbol_word_ratio")
     numbers = " ".join(str(i * 7919) for i in range(100)) + " the and of to"
     assert reason(gq, numbers) == "alpha_words_ratio"
@@ -82,9 +80,7 @@ def test_gopher_repetition_reasons():
     assert reason(gr, "\n\n".join(["Same paragraph here with several words."] * 4 + ["Another one."])) == (
         "dup_para_frac"
     )
-    lines = "\n".join(
-        ["Buy now and save money today."] * 5 + [f"Unique line {i} about things." for i in range(6)]
-    )
+    lines = "\n".join(["Buy now and save money today."] * 5 + [f"Unique line {i} about things." for i in range(6)])
     assert reason(gr, lines) == "dup_line_frac"
     top2 = GOOD_EN + " " + "click here " * 60
     assert reason(gr, top2) == "top_2_gram"
@@ -98,10 +94,7 @@ def test_gopher_repetition_reasons():
 
 def test_c4_removes_bad_lines_and_drops_thin_pages():
     c4 = C4Config().build()
-    page = (
-        GOOD_EN
-        + "\nShare this\nPlease enable JavaScript to view the comments.\nRead our privacy policy here."
-    )
+    page = GOOD_EN + "\nShare this\nPlease enable JavaScript to view the comments.\nRead our privacy policy here."
     doc, stats = run(c4, page)
     assert doc is not None and "Share this" not in doc.text and "JavaScript" not in doc.text
     assert "privacy policy" not in doc.text
@@ -117,6 +110,12 @@ def test_c4_chinese_terminal_punctuation():
     c4 = C4Config(min_sentences=3).build()
     doc, _ = run(c4, GOOD_ZH)
     assert doc is not None and doc.text.count("\n") == 3  # full-width "。" ends lines: all four kept
+
+
+def test_c4_counts_chinese_sentences_without_spaces():
+    one_paragraph = GOOD_ZH.replace("\n", "")  # five sentences, no space or newline after any "。"
+    assert reason(C4Config().build(), one_paragraph) is None  # default needs 5 sentences
+    assert reason(C4Config().build(), "我们的城市在河边。河水上涨了。") == "too_few_sentences"
 
 
 # --- FineWeb ---

@@ -85,12 +85,8 @@ def write_warc(path: Path, html_pages: list[tuple[str, str]]) -> None:
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=True)
         for url, html in html_pages:
-            headers = StatusAndHeaders(
-                "200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1"
-            )
-            record = writer.create_warc_record(
-                url, "response", payload=io.BytesIO(html.encode()), http_headers=headers
-            )
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            record = writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()), http_headers=headers)
             writer.write_record(record)
 
 
@@ -105,9 +101,7 @@ def read_all(source: SourceConfig, base: Path) -> tuple[list, BlockStats]:
 
 def test_every_reader_and_bad_input_is_counted_with_file_and_line(tmp_path):
     write_sources(tmp_path / "raw")
-    docs, stats = read_all(
-        SourceConfig(name="raw", paths=["raw"], text_field="content", id_field="uid"), tmp_path
-    )
+    docs, stats = read_all(SourceConfig(name="raw", paths=["raw"], text_field="content", id_field="uid"), tmp_path)
     texts = [d.text for d in docs]
     for i in range(14):
         assert any(f"note number {i} " in t for t in texts), i
@@ -214,9 +208,7 @@ def test_resume_after_crash_skips_finished_shards(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "work" / "stage1").glob("*.json")}
 
     calls.clear()
-    monkeypatch.setattr(
-        pipeline, "process_task", lambda ctx, task: calls.append(task.task_id) or real(ctx, task)
-    )
+    monkeypatch.setattr(pipeline, "process_task", lambda ctx, task: calls.append(task.task_id) or real(ctx, task))
     resumed = prepare(str(recipe_path), str(out), workers=1)
     assert calls == ["01-hf-00000"]  # only the shard that crashed ran again
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
@@ -354,6 +346,4 @@ def test_read_task_ids_are_stable(tmp_path):
     write_sources(tmp_path / "raw")
     tasks = make_tasks(3, SourceConfig(name="raw", paths=["raw"], text_field="content"), tmp_path)
     assert tasks == make_tasks(3, SourceConfig(name="raw", paths=["raw"], text_field="content"), tmp_path)
-    assert tasks[0] == ReadTask(
-        "03-raw-00000", "raw", "jsonl", str(tmp_path / "raw" / "bad.jsonl"), "content"
-    )
+    assert tasks[0] == ReadTask("03-raw-00000", "raw", "jsonl", str(tmp_path / "raw" / "bad.jsonl"), "content")

@@ -39,10 +39,7 @@ def test_single_text_file_still_gets_a_val_split(tokenizer_dir, tmp_path):
     src = tmp_path / "book.txt"
     src.write_text("\n".join(f"Line {i} of a long book." for i in range(400)))
     meta = tokenize_corpus([src], tokenizer_dir, tmp_path / "out", val_fraction=0.1)
-    assert (
-        meta["splits"]["val"]["tokens"] > 0
-        and meta["splits"]["train"]["tokens"] > meta["splits"]["val"]["tokens"]
-    )
+    assert meta["splits"]["val"]["tokens"] > 0 and meta["splits"]["train"]["tokens"] > meta["splits"]["val"]["tokens"]
 
 
 def test_bad_inputs_are_clear_errors(tokenizer_dir, tmp_path):

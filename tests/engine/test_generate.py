@@ -47,9 +47,7 @@ def test_cache_and_no_cache_generate_identical_tokens(preset, temperature):
 
 def test_generation_budget_is_clamped_to_context():
     model = Transformer(model_config("tiny", vocab_size=300, n_layer=1, d_model=64, max_seq_len=32)).eval()
-    out = list(
-        generate_tokens(model, list(range(1, 21)), SamplingParams(max_new_tokens=100, ignore_eos=True))
-    )
+    out = list(generate_tokens(model, list(range(1, 21)), SamplingParams(max_new_tokens=100, ignore_eos=True)))
     assert len(out) == 12
 
 
@@ -58,10 +56,7 @@ def test_stops_at_eos_unless_ignored():
     greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     first = next(iter(generate_tokens(model, [1, 2, 3], greedy)))
     # Declare the first greedy token a stop id: generation ends at once, unless ignore_eos is set.
-    assert (
-        list(generate_tokens(model, [1, 2, 3], SamplingParams(max_new_tokens=10, temperature=0), {first}))
-        == []
-    )
+    assert list(generate_tokens(model, [1, 2, 3], SamplingParams(max_new_tokens=10, temperature=0), {first})) == []
     assert len(list(generate_tokens(model, [1, 2, 3], greedy, {first}))) == 10
 
 
@@ -110,9 +105,7 @@ def test_prompt_errors(model_and_tokenizer):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmstack.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "lmstack.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_generate_prints_only_generated_text(model_and_tokenizer, tmp_path):

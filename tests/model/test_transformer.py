@@ -14,9 +14,7 @@ SMALL_OVERRIDES = dict(vocab_size=512, n_layer=2, d_model=64, max_seq_len=64)
 
 def tiny(preset: str = "tiny", **over) -> Transformer:
     torch.manual_seed(0)
-    cfg = model_config(
-        preset, **{**SMALL_OVERRIDES, **({"d_ff": None} if preset != "moe-tiny" else {}), **over}
-    )
+    cfg = model_config(preset, **{**SMALL_OVERRIDES, **({"d_ff": None} if preset != "moe-tiny" else {}), **over})
     return Transformer(cfg).eval()
 
 
@@ -129,9 +127,7 @@ def test_moe_matches_dense_computation_of_selected_experts():
     probs = torch.softmax(moe.router(x), dim=-1)
     w, i = probs.topk(2, dim=-1)
     w = w / w.sum(-1, keepdim=True)
-    expected = torch.stack(
-        [sum(w[t, j] * moe.experts[int(i[t, j])](x[t]) for j in range(2)) for t in range(10)]
-    )
+    expected = torch.stack([sum(w[t, j] * moe.experts[int(i[t, j])](x[t]) for j in range(2)) for t in range(10)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

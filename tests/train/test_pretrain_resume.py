@@ -67,9 +67,7 @@ def _interrupt_after(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
 
 
-@pytest.mark.parametrize(
-    "extra", [[], ["grad_accum=2", "model.dropout=0.1"]], ids=["plain", "accum2-dropout"]
-)
+@pytest.mark.parametrize("extra", [[], ["grad_accum=2", "model.dropout=0.1"]], ids=["plain", "accum2-dropout"])
 def test_resumed_run_matches_straight_run(tmp_path, token_data_dir, extra, monkeypatch):
     straight = pretrain(_cfg(tmp_path / "straight", token_data_dir, *extra))
     with monkeypatch.context() as patch:
@@ -87,9 +85,7 @@ def test_resumed_run_matches_straight_run(tmp_path, token_data_dir, extra, monke
     opt_a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
     opt_b = torch.load(tmp_path / "split/checkpoint/optimizer.pt", weights_only=True)
     assert all(
-        torch.equal(opt_a["state"][k][s], opt_b["state"][k][s])
-        for k in opt_a["state"]
-        for s in opt_a["state"][k]
+        torch.equal(opt_a["state"][k][s], opt_b["state"][k][s]) for k in opt_a["state"] for s in opt_a["state"][k]
     )
 
 

@@ -30,9 +30,7 @@ def test_windows_are_next_token_pairs_and_deterministic():
 def test_global_batch_is_independent_of_how_it_is_split():
     tokens = _tokens()
     whole = TrainBatches(tokens, 8, 16, 1, seed=0).get(7, 0)[0]
-    ranks = torch.cat(
-        [TrainBatches(tokens, 4, 16, 1, seed=0, rank=r, world_size=2).get(7, 0)[0] for r in (0, 1)]
-    )
+    ranks = torch.cat([TrainBatches(tokens, 4, 16, 1, seed=0, rank=r, world_size=2).get(7, 0)[0] for r in (0, 1)])
     micro = torch.cat([TrainBatches(tokens, 4, 16, 2, seed=0).get(7, m)[0] for m in (0, 1)])
     assert torch.equal(whole, ranks) and torch.equal(whole, micro)
 
@@ -50,9 +48,7 @@ def test_val_batches_are_fixed_and_disjoint_across_ranks():
     first = [x for x, _ in val_batches(tokens, 2, 10, max_batches=3)]
     again = [x for x, _ in val_batches(tokens, 2, 10, max_batches=3)]
     assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    per_rank = [
-        torch.cat([x for x, _ in val_batches(tokens, 2, 10, 3, rank=r, world_size=2)]) for r in (0, 1)
-    ]
+    per_rank = [torch.cat([x for x, _ in val_batches(tokens, 2, 10, 3, rank=r, world_size=2)]) for r in (0, 1)]
     assert per_rank[0].shape == per_rank[1].shape == (6, 10)
     starts = {int(row[0]) for rows in per_rank for row in rows}
     assert len(starts) == 12  # no window evaluated twice

@@ -47,9 +47,7 @@ def test_warmup_then_cosine_reaches_floor():
 
 
 def test_wsd_is_flat_then_decays_linearly():
-    cfg = TrainConfig(
-        lr=2.0, min_lr_ratio=0.0, warmup_steps=5, max_steps=100, schedule="wsd", decay_fraction=0.2
-    )
+    cfg = TrainConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=5, max_steps=100, schedule="wsd", decay_fraction=0.2)
     assert lr_at(4, cfg) == pytest.approx(2.0)
     assert lr_at(50, cfg) == pytest.approx(2.0)
     assert lr_at(79, cfg) == pytest.approx(2.0)

@@ -48,9 +48,7 @@ class WebConfig:
     respect_robots: bool = True
 
     def __post_init__(self) -> None:
-        require(
-            bool(self.urls or self.seeds), "web source needs `urls:` (a list to fetch) or `seeds:` (to crawl)"
-        )
+        require(bool(self.urls or self.seeds), "web source needs `urls:` (a list to fetch) or `seeds:` (to crawl)")
         require(self.rate_limit > 0, f"web.rate_limit must be > 0 requests/s, got {self.rate_limit}")
         require(self.max_pages > 0, f"web.max_pages must be > 0, got {self.max_pages}")
         for url in [*self.urls, *self.seeds]:

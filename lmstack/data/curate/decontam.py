@@ -25,9 +25,7 @@ from lmstack.errors import LmstackError, require
 @dataclass
 class DecontamConfig:
     eval_sets: list[str] = field(default_factory=list)  # .txt (an item per line), .jsonl/.json (text_fields)
-    text_fields: list[str] = field(
-        default_factory=lambda: ["text", "question", "answer", "prompt", "context"]
-    )
+    text_fields: list[str] = field(default_factory=lambda: ["text", "question", "answer", "prompt", "context"])
     ngram: int = 13
     min_item_words: int = 8
 

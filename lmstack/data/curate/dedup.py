@@ -45,9 +45,7 @@ class DedupConfig:
     cluster_examples: int = 5
 
     def __post_init__(self) -> None:
-        require(
-            self.unit in ("word", "char", "auto"), f"dedup.unit must be word, char or auto, got {self.unit!r}"
-        )
+        require(self.unit in ("word", "char", "auto"), f"dedup.unit must be word, char or auto, got {self.unit!r}")
         require(self.ngram >= 1, f"dedup.ngram must be >= 1, got {self.ngram}")
         require(self.bands >= 1 and self.rows >= 1, "dedup.bands and dedup.rows must be >= 1")
         require(0.0 <= self.threshold <= 1.0, f"dedup.threshold must be in [0, 1], got {self.threshold}")
@@ -192,9 +190,7 @@ class MinHasher:
         start_doc = 0
         while start_doc < len(texts):
             # take whole documents until the step holds about _BATCH_SHINGLES rows
-            stop_doc = max(
-                start_doc + 1, int(np.searchsorted(bounds, bounds[start_doc] + _BATCH_SHINGLES)) - 1
-            )
+            stop_doc = max(start_doc + 1, int(np.searchsorted(bounds, bounds[start_doc] + _BATCH_SHINGLES)) - 1)
             stop_doc = min(stop_doc, len(texts))
             lo, hi = bounds[start_doc], bounds[stop_doc]
             if hi > lo:

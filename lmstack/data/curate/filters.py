@@ -187,7 +187,9 @@ class C4Config:
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_SENTENCE_END = re.compile(r"[.!?。！？]+(?=\s|$|[\"'”」』])")
+# ASCII terminals end a sentence only before a space, the end or a closing quote ("3.14" and "e.g."
+# mid-word do not); full-width terminals end one wherever they stand, since Chinese puts no space after them.
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$|[\"'”」』])|[。！？]+")
 
 
 class C4Filter(Block):
@@ -229,10 +231,7 @@ class C4Filter(Block):
             lowered = line.lower()
             tokens = words(line) if cjk else line.split()
             drop = (
-                (
-                    cfg.filter_no_terminal_punct
-                    and (not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("..."))
-                )
+                (cfg.filter_no_terminal_punct and (not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("...")))
                 or len(non_symbol_words(tokens)) < cfg.min_words_per_line
                 or any(len(w) > cfg.max_word_length for w in tokens)
                 or (cfg.filter_javascript and "javascript" in lowered)

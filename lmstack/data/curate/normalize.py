@@ -33,9 +33,7 @@ class NormalizeBlock(Block):
     name = "normalize"
 
     def __init__(self, cfg: NormalizeConfig):
-        require(
-            cfg.form in ("NFC", "NFKC", "none"), f"normalize.form must be NFC, NFKC or none, got {cfg.form!r}"
-        )
+        require(cfg.form in ("NFC", "NFKC", "none"), f"normalize.form must be NFC, NFKC or none, got {cfg.form!r}")
         self.cfg = cfg
         self._fix_text = _load_ftfy() if cfg.fix_mojibake else None
 
@@ -70,9 +68,7 @@ def _load_ftfy():
     try:
         from ftfy import fix_text
     except ImportError:
-        raise LmstackError(
-            'normalize.fix_mojibake needs ftfy; pip install -e ".[data]" (or set it false)'
-        ) from None
+        raise LmstackError('normalize.fix_mojibake needs ftfy; pip install -e ".[data]" (or set it false)') from None
     return fix_text
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.config import _unknown_key_message, build_dataclass, load_yaml, merge, parse_overrides
+from lmstack.config import unknown_key_message, build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.data.curate.base import Block
 from lmstack.data.curate.collect import WebConfig, collect
 from lmstack.data.curate.decontam import DecontamConfig
@@ -104,7 +104,7 @@ def parse_recipe(values: dict[str, Any], base_dir: str | Path = ".") -> Recipe:
     """A recipe mapping -> `Recipe`; every unknown key is an error that names it."""
     for key in values:
         if key not in _TOP_KEYS:
-            raise LmstackError(_unknown_key_message(key, list(_TOP_KEYS), "recipe"))
+            raise LmstackError(unknown_key_message(key, list(_TOP_KEYS), "recipe"))
     raw_sources = values.get("sources")
     require(
         isinstance(raw_sources, list) and raw_sources,
@@ -117,14 +117,10 @@ def parse_recipe(values: dict[str, Any], base_dir: str | Path = ".") -> Recipe:
     return Recipe(
         sources=sources,
         pipeline=[_parse_block(item, i) for i, item in enumerate(values.get("pipeline", DEFAULT_PIPELINE))],
-        dedup=None
-        if dedup_values is False
-        else build_dataclass(DedupConfig, _mapping(dedup_values, "dedup"), "dedup"),
+        dedup=None if dedup_values is False else build_dataclass(DedupConfig, _mapping(dedup_values, "dedup"), "dedup"),
         mix=build_dataclass(MixConfig, _mapping(values.get("mix", {}), "mix"), "mix"),
         output=build_dataclass(OutputConfig, _mapping(values.get("output", {}), "output"), "output"),
-        executor=build_dataclass(
-            ExecutorConfig, _mapping(values.get("executor", {}), "executor"), "executor"
-        ),
+        executor=build_dataclass(ExecutorConfig, _mapping(values.get("executor", {}), "executor"), "executor"),
         base_dir=str(base_dir),
     )
 
@@ -162,7 +158,7 @@ def _parse_block(item: Any, index: int) -> tuple[str, Any]:
         raise LmstackError(f"pipeline[{index}] must be a block name or `- name: {{options}}`, got {item!r}")
     if name not in BLOCK_CONFIGS:
         raise LmstackError(
-            _unknown_key_message(name, list(BLOCK_CONFIGS), f"pipeline[{index}]").replace(
+            unknown_key_message(name, list(BLOCK_CONFIGS), f"pipeline[{index}]").replace(
                 "unknown config key", "unknown block"
             )
         )
@@ -361,9 +357,7 @@ def write_task(ctx: RunContext, task: ReadTask) -> dict[str, Any]:
     ratio = json.loads((ctx.work / "dedup.json").read_text())["ratios"][task.source]
     docs = read_jsonl_documents(ctx.work / "stage1" / f"{task.task_id}.jsonl")
     line_stats, mix_stats = BlockStats("line_dedup"), BlockStats("mix")
-    writer = ShardWriter(
-        Path(ctx.out_dir) / "data", task.task_id, recipe.output.format, recipe.output.docs_per_shard
-    )
+    writer = ShardWriter(Path(ctx.out_dir) / "data", task.task_id, recipe.output.format, recipe.output.docs_per_shard)
     lengths, languages, tokens = [], Counter(), 0
     for j, doc in enumerate(docs):
         if not decision["keep"][j]:
@@ -428,9 +422,7 @@ def _run_sharded(
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
                 futures = [pool.submit(fn, ctx, tasks[i]) for i in todo]
-                for future in tqdm(
-                    as_completed(futures), total=len(futures), desc=desc, unit="shard", file=sys.stderr
-                ):
+                for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", file=sys.stderr):
                     future.result()
     return [json.loads(m.read_text()) for m in markers]
 
@@ -438,16 +430,12 @@ def _run_sharded(
 # --- The whole run ---------------------------------------------------------------------------------
 
 
-def prepare(
-    recipe_path: str, out_dir: str, workers: int = 0, overrides: list[str] | None = None
-) -> dict[str, Any]:
+def prepare(recipe_path: str, out_dir: str, workers: int = 0, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run a data recipe into `out_dir`; resumes an interrupted run of the same recipe. Returns a summary."""
     return run_recipe(load_recipe(recipe_path, overrides), out_dir, workers)
 
 
-def run_recipe(
-    recipe: Recipe, out_dir: str | Path, workers: int = 0, progress: bool = True
-) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, out_dir: str | Path, workers: int = 0, progress: bool = True) -> dict[str, Any]:
     from lmstack.data.curate.report import build_summary, write_report
 
     out = Path(out_dir)
@@ -475,8 +463,7 @@ def _claim_output_dir(out: Path, fingerprint: str) -> None:
         previous = json.loads(stamp.read_text()).get("fingerprint")
         if previous != fingerprint:
             raise LmstackError(
-                f"{out} holds a run of a different recipe; pass a new --out, "
-                f"or delete {out / 'work'} to start over"
+                f"{out} holds a run of a different recipe; pass a new --out, or delete {out / 'work'} to start over"
             )
     else:
         atomic_write_text(stamp, json.dumps({"fingerprint": fingerprint}))
@@ -488,9 +475,7 @@ def _collect_web_sources(recipe: Recipe, web_dir: Path, progress: bool) -> list[
         if source.type != "web":
             continue
         result = collect(source.web, web_dir / source.name, progress=progress)
-        stats = BlockStats(
-            f"collect:{source.name}", seen=result.fetched + len(result.errors), kept=result.fetched
-        )
+        stats = BlockStats(f"collect:{source.name}", seen=result.fetched + len(result.errors), kept=result.fetched)
         for e in result.errors:
             reason = "robots_disallowed" if "robots" in e["error"] else "fetch_failed"
             stats.error(f"{e['url']}: {e['error']}", reason)
@@ -515,9 +500,7 @@ def _check_not_empty(recipe: Recipe, stage1: list[dict[str, Any]]) -> None:
         read[marker["task"]["source"]] += marker["stats"][0]["kept"]
     if not any(read.values()):
         names = ", ".join(s.name for s in recipe.sources)
-        raise LmstackError(
-            f"no documents could be read from any source ({names}); check the paths and text_field"
-        )
+        raise LmstackError(f"no documents could be read from any source ({names}); check the paths and text_field")
 
 
 def _tokenize(recipe: Recipe, out: Path, files: list[Path], workers: int) -> dict[str, Any] | None:

@@ -23,9 +23,7 @@ def map_tasks_on_ray(
     try:
         import ray
     except ImportError:
-        raise LmstackError(
-            "executor.kind ray needs Ray; pip install ray (or use executor.kind local)"
-        ) from None
+        raise LmstackError("executor.kind ray needs Ray; pip install ray (or use executor.kind local)") from None
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)

@@ -50,9 +50,7 @@ class SourceConfig:
     web: WebConfig | None = None
 
     def __post_init__(self) -> None:
-        require(
-            self.type in SOURCE_TYPES, f"source {self.name!r}: type must be one of {', '.join(SOURCE_TYPES)}"
-        )
+        require(self.type in SOURCE_TYPES, f"source {self.name!r}: type must be one of {', '.join(SOURCE_TYPES)}")
         require(self.weight >= 0 and self.target_tokens >= 0, f"source {self.name!r}: weight must be >= 0")
         if self.type == "web":
             require(
@@ -162,9 +160,7 @@ def _decode(data: bytes, where: str, stats: BlockStats) -> str | None:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         stats.seen += 1
-        stats.error(
-            f"{where}: undecodable bytes ({exc.reason} at byte {exc.start}); skipped", "undecodable_bytes"
-        )
+        stats.error(f"{where}: undecodable bytes ({exc.reason} at byte {exc.start}); skipped", "undecodable_bytes")
         return None
 
 
@@ -174,9 +170,7 @@ def _read_text(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
         yield Document(text=text, id=f"{task.source}/{Path(task.path).name}", metadata={"file": task.path})
 
 
-def _record_to_doc(
-    record: Any, task: ReadTask, where: str, fallback_id: str, stats: BlockStats
-) -> Document | None:
+def _record_to_doc(record: Any, task: ReadTask, where: str, fallback_id: str, stats: BlockStats) -> Document | None:
     if not isinstance(record, dict):
         stats.seen += 1
         stats.error(f"{where}: expected a JSON object, got {type(record).__name__}", "malformed_record")
@@ -207,9 +201,7 @@ def _read_jsonl(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 stats.seen += 1
-                stats.error(
-                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); skipped", "malformed_json"
-                )
+                stats.error(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); skipped", "malformed_json")
                 continue
             doc = _record_to_doc(record, task, where, f"{task.source}/{name}:{line_no}", stats)
             if doc is not None:
@@ -303,9 +295,7 @@ def _read_warc(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
             if record.rec_type not in ("response", "conversion"):
                 continue
             url = record.rec_headers.get_header("WARC-Target-URI") or ""
-            content_type = (
-                (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
-            )
+            content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
             if record.rec_type == "response" and "html" not in content_type:
                 continue
             text = _decode(record.content_stream().read(), f"{task.path} {url}", stats)

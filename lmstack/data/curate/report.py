@@ -64,12 +64,8 @@ pre { background: #f7f7f7; padding: 6px; white-space: pre-wrap; font-size: 12px;
 """
 
 
-def build_summary(
-    recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, out_dir
-) -> dict[str, Any]:
-    per_shard = (
-        [collect_stats] + [m["stats"] for m in stage1] + [dedup["stats"]] + [m["stats"] for m in stage3]
-    )
+def build_summary(recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, out_dir) -> dict[str, Any]:
+    per_shard = [collect_stats] + [m["stats"] for m in stage1] + [dedup["stats"]] + [m["stats"] for m in stage3]
     blocks = [b.to_dict() for b in merge_stats(per_shard)]
     sources: dict[str, dict[str, Any]] = {
         s.name: {
@@ -95,9 +91,7 @@ def build_summary(
         for name, r in sources.items()
         if r["read"] and not r["written"]
     ]
-    pii = {
-        k: v for b in blocks if b["name"] == "pii" for k, v in b["edits"].items() if k != "documents_changed"
-    }
+    pii = {k: v for b in blocks if b["name"] == "pii" for k, v in b["edits"].items() if k != "documents_changed"}
     languages = sum((Counter(m["languages"]) for m in stage3), Counter())
     read = sum(r["read"] for r in sources.values())
     written = sum(r["written"] for r in sources.values())

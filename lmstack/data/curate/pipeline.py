@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.config import unknown_key_message, build_dataclass, load_yaml, merge, parse_overrides
+from lmstack.config import build_dataclass, load_yaml, merge, parse_overrides, unknown_key_message
 from lmstack.data.curate.base import Block
 from lmstack.data.curate.collect import WebConfig, collect
 from lmstack.data.curate.decontam import DecontamConfig

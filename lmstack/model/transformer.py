@@ -256,8 +256,7 @@ class Transformer(nn.Module):
             max_position = int(positions.max())
         if max_position >= cfg.max_seq_len and cfg.family == "gpt2":
             raise LmstackError(
-                f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; "
-                "shorten the input"
+                f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; shorten the input"
             )
         x = self.tok_emb(idx)  # (B, T, d_model)
         rope = None

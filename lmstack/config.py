@@ -39,6 +39,8 @@ class ModelConfig:
     bias: bool = False  # biases on all linear layers (GPT-2)
     qkv_bias: bool = False  # biases only on q/k/v projections (Qwen2)
     tie_embeddings: bool = True
+    # GPT-2 family MLP: "tanh" is GPT-2's own approximation (HF gelu_new); "none" is exact erf GELU.
+    gelu_approximate: str = "tanh"
     dropout: float = 0.0
     init_std: float = 0.02
     # Mixture of experts: n_experts > 0 replaces every dense FFN by a routed one.
@@ -52,6 +54,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require(self.family in ("gpt2", "llama"), f"model.family must be 'gpt2' or 'llama', got {self.family!r}")
+        require(
+            self.gelu_approximate in ("tanh", "none"),
+            f"model.gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}",
+        )
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -232,6 +238,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; GradScaler for float16 on CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
+    tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (10-bit mantissa products, fp32 accumulate)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     # Parallelism under torchrun: ddp (data parallel) or fsdp (FSDP2 fully_shard).
     parallel: str = "ddp"

@@ -499,6 +499,11 @@ def export_arch(cfg: ModelConfig, where: str = "GGUF export") -> str:
     if cfg.family == "gpt2":
         if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model or cfg.is_moe:
             raise LmstackError(f"{where}: a gpt2-family model needs plain multi-head attention and no MoE")
+        if cfg.gelu_approximate != "tanh":
+            raise LmstackError(
+                f"{where}: llama.cpp's gpt2 runs tanh-approximated GELU; this model uses exact GELU "
+                "(model.gelu_approximate=none); export it to Hugging Face format instead"
+            )
         return "gpt2"
     if cfg.bias:
         raise LmstackError(f"{where}: llama-family models with biases on every linear layer are not supported")

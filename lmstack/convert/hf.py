@@ -44,6 +44,7 @@ SUPPORTED_ARCHITECTURES = (
     "GPT2LMHeadModel",
 )
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+_GPT2_ACTIVATIONS = (*_TANH_GELU, "gelu")
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -89,8 +90,8 @@ def hf_model_config(raw: dict[str, Any], path: Path) -> ModelConfig:
 
     if arch == "GPT2LMHeadModel":
         act = raw.get("activation_function", "gelu_new")
-        if act not in _TANH_GELU:
-            raise LmstackError(f"{where}: activation_function {act!r} is not supported; supported: {_TANH_GELU}")
+        if act not in _GPT2_ACTIVATIONS:
+            raise LmstackError(f"{where}: activation_function {act!r} is not supported; supported: {_GPT2_ACTIVATIONS}")
         if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
             raise LmstackError(f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx) are not supported")
         d = int(need("n_embd"))
@@ -105,6 +106,7 @@ def hf_model_config(raw: dict[str, Any], path: Path) -> ModelConfig:
             norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
             bias=True,
             tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            gelu_approximate="tanh" if act in _TANH_GELU else "none",
         )
         return build_dataclass(ModelConfig, values, "model")
 
@@ -423,7 +425,7 @@ def hf_config_dict(cfg: ModelConfig, tokenizer: Tokenizer | None, dtype: torch.d
             "n_positions": cfg.max_seq_len,
             "n_ctx": cfg.max_seq_len,
             "n_inner": cfg.d_ff,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,

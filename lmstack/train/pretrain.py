@@ -173,6 +173,9 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.device.type == "cpu":
             tune_cpu_allocator()
+        elif self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = Transformer(cfg.model)

@@ -181,6 +181,13 @@ def test_gguf_export_rejects_tokenizer_bigger_than_model(tmp_path, tokenizer_dir
         save_gguf(model, Tokenizer.load(tokenizer_dir), tmp_path / "x.gguf")
 
 
+def test_gguf_export_rejects_exact_gelu_gpt2(tmp_path, tokenizer_dir):
+    model = Transformer(model_config("tiny-gpt2", vocab_size=1024, n_layer=1, gelu_approximate="none"))
+    with pytest.raises(LmstackError, match="export it to Hugging Face format instead"):
+        save_gguf(model, Tokenizer.load(tokenizer_dir), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_missing_alias_package_says_what_to_install(monkeypatch):
     import importlib.util
 

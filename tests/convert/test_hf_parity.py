@@ -37,6 +37,9 @@ HF_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
     ),
+    "gpt2-exact-gelu": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, activation_function="gelu"
+    ),
 }
 
 
@@ -95,6 +98,7 @@ EXPORT_CASES = {
     "mixtral": ("moe-tiny", dict(moe_shared_expert=False), "MixtralForCausalLM"),
     "gpt2": ("tiny-gpt2", {}, "GPT2LMHeadModel"),
     "gpt2-nobias-untied": ("tiny-gpt2", dict(bias=False, tie_embeddings=False), "GPT2LMHeadModel"),
+    "gpt2-exact-gelu": ("tiny-gpt2", dict(gelu_approximate="none"), "GPT2LMHeadModel"),
 }
 
 
@@ -120,7 +124,7 @@ def test_export_loads_in_transformers(case, tmp_path, tokenizer_dir):
     assert generation["eos_token_id"] == tok.eos_id or tok.eos_id in generation["eos_token_id"]
 
 
-@pytest.mark.parametrize("case", ["llama", "qkv-bias", "mixtral", "gpt2-nobias-untied"])
+@pytest.mark.parametrize("case", ["llama", "qkv-bias", "mixtral", "gpt2-nobias-untied", "gpt2-exact-gelu"])
 def test_lmstack_hf_lmstack_round_trip_is_lossless(case, tmp_path, tokenizer_dir):
     from lmstack.tokenizer import Tokenizer
 
@@ -157,6 +161,7 @@ def test_lmstack_hf_lmstack_round_trip_is_lossless(case, tmp_path, tokenizer_dir
         "tie_embeddings",
         "n_experts",
         "n_experts_per_tok",
+        "gelu_approximate",
     ):
         assert getattr(back.cfg, field) == getattr(model.cfg, field), field
     assert tok.encode("round trip ok") == Tokenizer.load(tokenizer_dir).encode("round trip ok")

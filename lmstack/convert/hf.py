@@ -218,33 +218,38 @@ class _LazyTensors:
             ) from None
 
 
+# GPT-2 names (without the "transformer." prefix) -> ours, both directions. c_attn holds q, k and v
+# fused; the loader splits it (see hf_state) and the exporter fuses them again.
+_GPT2_TOP = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "norm.weight",
+    "ln_f.bias": "norm.bias",
+}
+_GPT2_LAYER = {
+    "ln_1": "attn_norm",
+    "ln_2": "ffn_norm",
+    "attn.c_proj": "attn.o_proj",
+    "mlp.c_fc": "ffn.up_proj",
+    "mlp.c_proj": "ffn.down_proj",
+    "attn.c_attn": "attn.c_attn",
+}
+
+
 def _hf_to_ours(arch: str, cfg: ModelConfig, name: str) -> str | None:
     """Map one HF tensor name to ours (None: not a parameter we keep)."""
     if arch == "GPT2LMHeadModel":
+        if name == "lm_head.weight":
+            return name
         name = name.removeprefix("transformer.")
-        simple = {
-            "wte.weight": "tok_emb.weight",
-            "wpe.weight": "pos_emb.weight",
-            "ln_f.weight": "norm.weight",
-            "ln_f.bias": "norm.bias",
-            "lm_head.weight": "lm_head.weight",
-        }
-        if name in simple:
-            return simple[name]
+        if name in _GPT2_TOP:
+            return _GPT2_TOP[name]
         m = re.fullmatch(r"h\.(\d+)\.(.+)", name)
         if not m:
             return None
         i, rest = m.groups()
-        table = {
-            "ln_1": "attn_norm",
-            "ln_2": "ffn_norm",
-            "attn.c_proj": "attn.o_proj",
-            "mlp.c_fc": "ffn.up_proj",
-            "mlp.c_proj": "ffn.down_proj",
-            "attn.c_attn": "attn.c_attn",
-        }
         mod, _, kind = rest.rpartition(".")
-        return f"layers.{i}.{table[mod]}.{kind}" if mod in table else None
+        return f"layers.{i}.{_GPT2_LAYER[mod]}.{kind}" if mod in _GPT2_LAYER else None
     if name == "model.embed_tokens.weight":
         return "tok_emb.weight"
     if name in ("model.norm.weight", "lm_head.weight"):
@@ -469,25 +474,15 @@ def hf_config_dict(cfg: ModelConfig, tokenizer: Tokenizer | None, dtype: torch.d
 
 def _ours_to_hf(arch: str, name: str) -> str:
     if arch == "GPT2LMHeadModel":
-        simple = {
-            "tok_emb.weight": "transformer.wte.weight",
-            "pos_emb.weight": "transformer.wpe.weight",
-            "norm.weight": "transformer.ln_f.weight",
-            "norm.bias": "transformer.ln_f.bias",
-            "lm_head.weight": "lm_head.weight",
-        }
-        if name in simple:
-            return simple[name]
+        if name == "lm_head.weight":
+            return name
+        top = {ours: hf for hf, ours in _GPT2_TOP.items()}
+        if name in top:
+            return f"transformer.{top[name]}"
         i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
         mod, _, kind = rest.rpartition(".")
-        table = {
-            "attn_norm": "ln_1",
-            "ffn_norm": "ln_2",
-            "attn.o_proj": "attn.c_proj",
-            "ffn.up_proj": "mlp.c_fc",
-            "ffn.down_proj": "mlp.c_proj",
-        }
-        return f"transformer.h.{i}.{table[mod]}.{kind}"
+        layer = {ours: hf for hf, ours in _GPT2_LAYER.items()}
+        return f"transformer.h.{i}.{layer[mod]}.{kind}"
     if name == "tok_emb.weight":
         return "model.embed_tokens.weight"
     if name == "norm.weight":

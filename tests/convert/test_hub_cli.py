@@ -25,6 +25,10 @@ def lmstack_dir(tmp_path, tokenizer_dir):
     return tmp_path / "ours"
 
 
+def _cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
 def _logits(model, ids=(1, 5, 9, 200, 17)):
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits
@@ -47,35 +51,9 @@ def test_all_reference_kinds_load_the_same_model(lmstack_dir, tmp_path):
     ref, _ = load_model(lmstack_dir)
     assert main(["convert", "--model", str(lmstack_dir), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(tmp_path / "hf"),
-                "--to",
-                "gguf",
-                "--out",
-                str(tmp_path / "m.gguf"),
-                "--dtype",
-                "f32",
-            ]
-        )
-        == 0
+        _cli("convert", "--model", tmp_path / "hf", "--to", "gguf", "--out", tmp_path / "m.gguf", "--dtype", "f32") == 0
     )
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(tmp_path / "m.gguf"),
-                "--to",
-                "lmstack",
-                "--out",
-                str(tmp_path / "back"),
-            ]
-        )
-        == 0
-    )
+    assert _cli("convert", "--model", tmp_path / "m.gguf", "--to", "lmstack", "--out", tmp_path / "back") == 0
     for path in (tmp_path / "hf", tmp_path / "m.gguf", tmp_path / "back"):
         model, tok = load_model(path)
         assert tok is not None
@@ -83,58 +61,13 @@ def test_all_reference_kinds_load_the_same_model(lmstack_dir, tmp_path):
 
 
 def test_convert_dtypes(lmstack_dir, tmp_path):
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(lmstack_dir),
-                "--to",
-                "hf",
-                "--out",
-                str(tmp_path / "hf16"),
-                "--dtype",
-                "bfloat16",
-            ]
-        )
-        == 0
-    )
+    assert _cli("convert", "--model", lmstack_dir, "--to", "hf", "--out", tmp_path / "hf16", "--dtype", "bfloat16") == 0
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model, _ = load_model(tmp_path / "hf16", dtype="bfloat16")
     assert model.tok_emb.weight.dtype == torch.bfloat16
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(lmstack_dir),
-                "--to",
-                "gguf",
-                "--out",
-                str(tmp_path / "q.gguf"),
-                "--dtype",
-                "q8_0",
-            ]
-        )
-        == 0
-    )
+    assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "q.gguf", "--dtype", "q8_0") == 0
     assert "Q8_0" in {t.type_name for t in read_gguf(tmp_path / "q.gguf").tensors.values()}
-    assert (
-        main(
-            [
-                "convert",
-                "--model",
-                str(lmstack_dir),
-                "--to",
-                "gguf",
-                "--out",
-                str(tmp_path / "x.gguf"),
-                "--dtype",
-                "q4_0",
-            ]
-        )
-        == 2
-    )
+    assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "x.gguf", "--dtype", "q4_0") == 2
     assert main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "x.bin")]) == 2
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from tiny_run import tiny_config
 
 from lmstack.config import TrainConfig, load_train_config
 from lmstack.data.tokenize import load_meta, load_split
@@ -14,26 +15,20 @@ from lmstack.errors import LmstackError
 from lmstack.model.io import load_model_dir
 from lmstack.train.pretrain import pretrain
 
-TINY = ["model.preset=tiny", "model.vocab_size=1024", "model.n_layer=2", "model.d_model=64", "model.d_ff=128"]
-
 
 def _cfg(out, data, *extra: str) -> TrainConfig:
-    return load_train_config(
-        None,
-        [
-            *TINY,
-            f"data={data}",
-            f"out={out}",
-            "batch_size=8",
-            "seq_len=64",
-            "warmup_steps=10",
-            "lr=1e-2",
-            "eval_batches=8",
-            "log_every=10",
-            "sample_prompt=Return the",
-            "sample_tokens=16",
-            *extra,
-        ],
+    return tiny_config(
+        out,
+        data,
+        "batch_size=8",
+        "seq_len=64",
+        "warmup_steps=10",
+        "lr=1e-2",
+        "eval_batches=8",
+        "log_every=10",
+        "sample_prompt=Return the",
+        "sample_tokens=16",
+        *extra,
     )
 
 

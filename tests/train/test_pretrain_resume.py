@@ -11,34 +11,29 @@ import time
 
 import pytest
 import torch
+from tiny_run import TINY_MODEL, tiny_config
 
-from lmstack.config import TrainConfig, load_train_config
+from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError
 from lmstack.model.io import load_model_dir
 from lmstack.train.pretrain import pretrain
 
-TINY = ["model.preset=tiny", "model.vocab_size=1024", "model.n_layer=2", "model.d_model=64", "model.d_ff=128"]
-
 
 def _cfg(out, data, *extra: str) -> TrainConfig:
-    return load_train_config(
-        None,
-        [
-            *TINY,
-            f"data={data}",
-            f"out={out}",
-            "batch_size=4",
-            "seq_len=64",
-            "max_steps=8",
-            "warmup_steps=2",
-            "eval_every=3",
-            "eval_batches=2",
-            "log_every=1",
-            "save_every=100",
-            "tensorboard=false",
-            "sample_tokens=8",
-            *extra,
-        ],
+    return tiny_config(
+        out,
+        data,
+        "batch_size=4",
+        "seq_len=64",
+        "max_steps=8",
+        "warmup_steps=2",
+        "eval_every=3",
+        "eval_batches=2",
+        "log_every=1",
+        "save_every=100",
+        "tensorboard=false",
+        "sample_tokens=8",
+        *extra,
     )
 
 
@@ -122,7 +117,7 @@ def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path, token_data_dir):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lmstack.cli", "train", "--out", str(out), "--data", str(token_data_dir)]
     for item in [
-        *TINY,
+        *TINY_MODEL,
         "batch_size=4",
         "seq_len=64",
         "max_steps=1000000",

@@ -38,22 +38,11 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def _torchrun(out, data, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "lmstack.cli",
-        "train",
-        "--out",
-        str(out),
-        "--data",
-        str(data),
-    ]
+def _torchrun(out, data, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "lmstack.cli", "train", "--out", str(out), "--data", str(data)]
+    if resume:
+        cmd.append("--resume")
     for item in [*SETTINGS, "batch_size=4", *extra]:
         cmd += ["--set", item]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -97,26 +86,7 @@ def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, token_data_dir, sing
         ),
         resume=True,
     )
-    cmd_extra = ["parallel=fsdp", "max_steps=7"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "lmstack.cli",
-        "train",
-        "--resume",
-        "--out",
-        str(fsdp_dir),
-        "--data",
-        str(token_data_dir),
-    ]
-    for item in [*SETTINGS, "batch_size=4", *cmd_extra]:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(fsdp_dir, token_data_dir, "parallel=fsdp", "max_steps=7", resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
     assert _losses(fsdp_dir) == pytest.approx(_losses(single_dir), rel=1e-4)

@@ -7,31 +7,26 @@ import math
 
 import pytest
 import torch
+from tiny_run import tiny_config
 
-from lmstack.config import TrainConfig, load_train_config, model_config
+from lmstack.config import TrainConfig, model_config
 from lmstack.model.transformer import Transformer
 from lmstack.train.optim import build_optimizer, lr_at, param_groups
 
-TINY = ["model.preset=tiny", "model.vocab_size=1024", "model.n_layer=2", "model.d_model=64", "model.d_ff=128"]
-
 
 def _cfg(tmp_path, data, *extra: str) -> TrainConfig:
-    return load_train_config(
-        None,
-        [
-            *TINY,
-            f"data={data}",
-            f"out={tmp_path}",
-            "batch_size=4",
-            "seq_len=64",
-            "max_steps=4",
-            "warmup_steps=2",
-            "eval_every=1000",
-            "eval_batches=2",
-            "log_every=1",
-            "tensorboard=false",
-            *extra,
-        ],
+    return tiny_config(
+        tmp_path,
+        data,
+        "batch_size=4",
+        "seq_len=64",
+        "max_steps=4",
+        "warmup_steps=2",
+        "eval_every=1000",
+        "eval_batches=2",
+        "log_every=1",
+        "tensorboard=false",
+        *extra,
     )
 
 

@@ -111,6 +111,8 @@ def inspect_model(ref: str | Path) -> dict[str, Any]:
         f"architecture  {info['architecture']} -> lmstack family {cfg.family!r}",
         f"              {_arch_line(cfg)}",
         f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f}M; fp32 in memory {_size(info['fp32_bytes'])})",
+        f"compute       {cfg.flops_per_token() / 3 / 1e6:,.1f} MFLOPs/token forward at full context "
+        f"({cfg.flops_per_token() / 1e6:,.1f} training)",
         f"stored as     {', '.join(f'{k} x{v}' for k, v in dtypes.items())}",
         f"context       {info['context_length']:,} tokens",
     ]

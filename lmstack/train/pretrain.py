@@ -211,8 +211,23 @@ class Trainer:
             resume_step=self.step if resume_from is not None else None,
         )
         self.last: dict[str, Any] = dict(state.get("last", {}))  # latest logged metrics
+        if ctx.is_main:
+            print(self._describe(), file=sys.stderr)
         if ctx.is_main and resume_from is not None:
             print(f"[train] resuming {resume_from} at step {self.step}", file=sys.stderr)
+
+    def _describe(self) -> str:
+        """One line saying what is about to train: size, cost per token, batch, where and how."""
+        cfg, m = self.cfg, self.cfg.model
+        moe = f", {m.active_params() / 1e6:.2f}M active per token" if m.is_moe else ""
+        return (
+            f"[train] {m.family} model: {m.num_params() / 1e6:.2f}M parameters "
+            f"({m.num_params(include_embeddings=False) / 1e6:.2f}M without embeddings{moe}), "
+            f"{self.flops_per_token / 1e6:,.1f} MFLOPs/token (training); "
+            f"global batch {self.global_batch} x {cfg.seq_len} = {self.tokens_per_step:,} tokens/step; "
+            f"{self.ctx.world_size} process(es) on {self.device.type}"
+            f"{f' ({cfg.parallel})' if self.ctx.world_size > 1 else ''}, {cfg.dtype}"
+        )
 
     # -- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

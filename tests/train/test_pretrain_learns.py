@@ -78,7 +78,7 @@ def test_run_folder_artifacts(trained_run):
     assert summary["checkpoint"] == str(out / "checkpoint") and summary["tokens"] == 150 * 8 * 64
 
 
-def test_moe_logs_aux_loss_and_balancing_pushes_towards_uniform(tmp_path, token_data_dir):
+def test_moe_logs_aux_loss_and_balancing_pushes_towards_uniform(tmp_path, token_data_dir, capsys):
     moe = [
         "model.n_experts=4",
         "model.n_experts_per_tok=1",
@@ -100,6 +100,10 @@ def test_moe_logs_aux_loss_and_balancing_pushes_towards_uniform(tmp_path, token_
         return [r["aux_loss"] for r in logs], float(np.abs(load - 0.25).max())
 
     aux_balanced, dev_balanced = spread(tmp_path / "balanced", 1.0)
+    cfg = _cfg(tmp_path, token_data_dir, *moe).model
+    start_line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("[train] llama model"))
+    assert f"{cfg.num_params() / 1e6:.2f}M parameters" in start_line
+    assert f"{cfg.active_params() / 1e6:.2f}M active per token" in start_line and "MFLOPs/token" in start_line
     aux_free, dev_free = spread(tmp_path / "free", 0.0)
     assert all(a >= 0.99 for a in aux_balanced)  # the Switch loss is >= 1, equal to 1 when uniform
     assert aux_balanced[-1] < aux_free[-1]

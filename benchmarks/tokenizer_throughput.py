@@ -3,8 +3,11 @@
 Run:  python benchmarks/tokenizer_throughput.py [--mb 8] [--vocab-size 8192]
 
 Corpus: real text every machine has, the Python standard library's source files (code, comments and
-docstrings), cut to --mb megabytes. lmstack trains byte-level BPE with HF `tokenizers` (Rust); the
-peer is SentencePiece's BPE trainer and encoder on the same text (`pip install sentencepiece`).
+docstrings), cut to --mb megabytes. lmstack trains byte-level BPE with HF `tokenizers` (Rust) and
+encodes through `tiktoken` (the same ids, checked in tests/test_tokenizer.py); the peer is
+SentencePiece's BPE trainer and encoder on the same text (`pip install sentencepiece`).
+Measured on 2 cores, 8.1 MB, vocab 8192: train 5.6 vs 7.2 MB/s (0.77x), encode 13.4 vs 10.6 MB/s
+(1.27x); encoding through `tokenizers` alone ran at 2.7-4 MB/s.
 Encoding is measured single-call batch encode over all documents. Figures are printed, not asserted.
 """
 
@@ -82,7 +85,7 @@ def main() -> None:
     print(f"corpus: {len(docs):,} stdlib files, {mb:.1f} MB; vocab {args.vocab_size}")
     ours = bench_lmstack(docs, args.vocab_size)
     print(
-        f"lmstack (HF tokenizers BPE): train {mb / ours[0]:6.2f} MB/s  encode {mb / ours[1]:6.2f} MB/s  "
+        f"lmstack (BPE, tiktoken enc): train {mb / ours[0]:6.2f} MB/s  encode {mb / ours[1]:6.2f} MB/s  "
         f"{mb * 1e6 / ours[2]:.2f} bytes/token"
     )
     peer = bench_sentencepiece(docs, args.vocab_size)

@@ -45,6 +45,36 @@ def test_round_trip_property(trained):
     check()
 
 
+@pytest.mark.parametrize("vocab_size", [300, 1024])
+def test_fast_encoder_gives_the_ids_of_tokenizers(corpus_file, vocab_size):
+    """Encoding goes through tiktoken for tokenizers trained here; it must match `tokenizers` id for id,
+    on real text and on adversarial strings glued from random vocabulary pieces."""
+    import random
+
+    docs = [json.loads(line)["text"] for line in corpus_file.open(encoding="utf-8")]
+    tok = train_tokenizer(iter(docs[:400] + SAMPLES), vocab_size)
+    assert tok.fast_encoder is not None
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    rng = random.Random(vocab_size)
+    glued = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(2000)]
+    texts = docs[400:900] + SAMPLES + glued + ["<|im_start|>user\nhi<|im_end|>\n"]
+    expected = [e.ids for e in tok.backend.encode_batch(texts, add_special_tokens=False)]
+    assert tok.encode_batch(texts) == expected
+    assert [tok.encode(t) for t in texts[-50:]] == expected[-50:]
+
+
+def test_foreign_pre_tokenizers_encode_with_tokenizers(trained):
+    """Another split pattern (here GPT-2's ByteLevel regex) must not use the tiktoken path."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import pre_tokenizers
+
+    backend = Backend.from_str(trained.backend.to_str())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other = Tokenizer(backend)
+    assert other.fast_encoder is None
+    assert other.encode("Hello  world\n\n x") == backend.encode("Hello  world\n\n x").ids
+
+
 def test_compresses_real_text(trained, corpus_file):
     text = "".join(json.loads(line)["text"] for line in corpus_file.read_text().splitlines()[:50])
     assert len(text.encode("utf-8")) / len(trained.encode(text)) > 2.0  # bytes per token: merges were learned

@@ -6,6 +6,7 @@ import pytest
 
 from lmstack.data.curate.document import BlockStats, Document
 from lmstack.data.curate.filters import (
+    BadWordsConfig,
     C4Config,
     FineWebConfig,
     GopherQualityConfig,
@@ -14,6 +15,7 @@ from lmstack.data.curate.filters import (
     LengthConfig,
 )
 from lmstack.data.curate.normalize import HtmlExtractConfig, NormalizeConfig
+from lmstack.errors import LmstackError
 
 GOOD_EN = (
     "The river town grew slowly over the nineteenth century, and its people learned to live with the floods.\n"
@@ -193,3 +195,34 @@ def test_bad_block_option_is_a_clear_error(bad):
 
     with pytest.raises(LmstackError, match="normalize.form"):
         NormalizeConfig(**bad).build()
+
+
+# --- C4 bad words ---
+
+
+def test_badwords_whole_words_cjk_substrings_and_keep_fraction(tmp_path):
+    (tmp_path / "words.txt").write_text("# a comment line\nbadword\nrude phrase\n坏词\n")
+    bw = BadWordsConfig(words_files=["words.txt"]).build(tmp_path)
+    assert reason(bw, "This has a BadWord in it.") == "bad_word"
+    assert reason(bw, "A rude phrase here.") == "bad_word"
+    assert reason(bw, "这里有一个坏词。") == "bad_word"  # no spaces in Chinese: substring match
+    assert reason(bw, "badwordsmith and notbadword are other words") is None  # whole words only
+    assert reason(bw, "a comment line") is None  # comments are not words
+    flagged = [f"badword number {i}" for i in range(400)]
+    keep_some = BadWordsConfig(words_files=["words.txt"], keep_fraction=0.25).build(tmp_path)
+    kept = [t for i, t in enumerate(flagged) if reason_with_id(keep_some, t, f"doc-{i}") is None]
+    assert 60 < len(kept) < 140  # about a quarter, the same ones on every run
+    assert kept == [t for i, t in enumerate(flagged) if reason_with_id(keep_some, t, f"doc-{i}") is None]
+
+
+def reason_with_id(block, text: str, doc_id: str) -> str | None:
+    stats = BlockStats(block.name)
+    out = list(block.run([Document(text=text, id=doc_id)], stats))
+    return None if out else next(iter(stats.dropped))
+
+
+def test_badwords_needs_an_existing_list(tmp_path):
+    with pytest.raises(LmstackError, match="badwords needs `words_files:`"):
+        BadWordsConfig().build(tmp_path)
+    with pytest.raises(LmstackError, match="not found; fix badwords.words_files"):
+        BadWordsConfig(words_files=["missing.txt"]).build(tmp_path)

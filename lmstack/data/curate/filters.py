@@ -13,9 +13,11 @@ full-width marks, the average-word-length rule is skipped, and stop words come f
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmstack.data.curate.base import Block, Filter
 from lmstack.data.curate.document import BlockStats, Document
@@ -280,6 +282,62 @@ class FineWebFilter(Filter):
         if sum(1 for line in lines if len(line) <= cfg.short_line_length) / len(lines) >= cfg.short_line_thr:
             return "short_line_ratio"
         return None
+
+
+# --- C4 bad words ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BadWordsConfig:
+    """C4's page rule: drop a page containing any word of a block list (C4 used the LDNOOBW lists).
+
+    No list ships with lmstack and none is downloaded: name your own files, one word or phrase per
+    line (`#` starts a comment). Words with CJK characters match as substrings (no spaces between
+    words); others match whole words, case-insensitively.
+    """
+
+    words_files: list[str] = field(default_factory=list)
+    keep_fraction: float = 0.0  # keep this share of flagged pages (datatrove's option), chosen by id hash
+
+    def build(self, base: Path = Path(".")) -> BadWordsFilter:
+        require(bool(self.words_files), "badwords needs `words_files:` (files with one word or phrase per line)")
+        require(0.0 <= self.keep_fraction <= 1.0, f"badwords.keep_fraction must be in [0, 1], got {self.keep_fraction}")
+        words: list[str] = []
+        for name in self.words_files:
+            path = base / name
+            if not path.is_file():
+                raise LmstackError(f"bad-words list {str(path)!r} not found; fix badwords.words_files")
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            words += [w.strip().lower() for w in lines if w.strip() and not w.lstrip().startswith("#")]
+        require(bool(words), f"the bad-words lists {self.words_files} hold no words")
+        return BadWordsFilter(words, self.keep_fraction)
+
+
+class BadWordsFilter(Filter):
+    name = "badwords"
+
+    def __init__(self, words: list[str], keep_fraction: float):
+        cjk = sorted({w for w in words if _CJK_CHAR.search(w)}, key=len, reverse=True)
+        spaced = sorted({w for w in words if not _CJK_CHAR.search(w)}, key=len, reverse=True)
+        parts = [f"(?<!\\w)(?:{'|'.join(map(re.escape, spaced))})(?!\\w)"] if spaced else []
+        parts += [f"(?:{'|'.join(map(re.escape, cjk))})"] if cjk else []
+        self.pattern = re.compile(f"(?:{'|'.join(parts)})", re.IGNORECASE)
+        self.keep_fraction = keep_fraction
+
+    def reason_to_drop(self, doc: Document) -> str | None:
+        if not self.pattern.search(doc.text):
+            return None
+        if self.keep_fraction and _unit_hash(doc.id) < self.keep_fraction:
+            return None
+        return "bad_word"
+
+
+_CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) from a document id: the same pages are kept on every run."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
 
 
 # --- Length ---------------------------------------------------------------------------------------

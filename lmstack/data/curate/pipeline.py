@@ -34,6 +34,7 @@ from lmstack.data.curate.decontam import DecontamConfig
 from lmstack.data.curate.dedup import DedupConfig, LineDeduper, MinHasher, decide, exact_key
 from lmstack.data.curate.document import BlockStats, Document
 from lmstack.data.curate.filters import (
+    BadWordsConfig,
     C4Config,
     FineWebConfig,
     GopherQualityConfig,
@@ -56,6 +57,7 @@ BLOCK_CONFIGS: dict[str, type] = {
     "gopher_repetition": GopherRepetitionConfig,
     "gopher_quality": GopherQualityConfig,
     "c4": C4Config,
+    "badwords": BadWordsConfig,
     "fineweb": FineWebConfig,
     "length": LengthConfig,
     "pii": PiiConfig,
@@ -183,7 +185,8 @@ def build_blocks(recipe: Recipe, with_html: bool) -> list[Block]:
     if with_html and "html_extract" not in names:
         blocks.append(HtmlExtractConfig().build())
     for name, cfg in recipe.pipeline:
-        blocks.append(cfg.build(Path(recipe.base_dir)) if name == "decontaminate" else cfg.build())
+        reads_files = name in ("decontaminate", "badwords")  # their file paths are relative to the recipe
+        blocks.append(cfg.build(Path(recipe.base_dir)) if reads_files else cfg.build())
     return blocks
 
 

@@ -7,6 +7,9 @@ Both sides use word 5-grams of the same simplified text, 112 permutations and LS
 rows. Every 10th document is followed by a planted near-duplicate (a few words replaced, a sentence
 swapped); recall is the share of planted pairs that end up together (same LSH bucket / same cluster).
 Single process on both sides, so docs/s is per core. Peak memory is this process's max RSS.
+Measured on 2 cores, 100k docs: lmstack 10,000-13,500 docs/s, datasketch 1,640-1,970 (6.1-6.8x).
+Recall over 6 permutation seeds at 20k docs: lmstack 0.882-0.912 (mean 0.900), datasketch
+0.885-0.914 (mean 0.904), expectation from the true Jaccard 0.903.
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ def make_corpus(n_docs: int, seed: int = 0) -> tuple[list[str], list[tuple[int, 
     return docs, pairs
 
 
+def expected_recall(docs: list[str], pairs: list[tuple[int, int]], cfg: DedupConfig) -> float:
+    """Mean over planted pairs of the LSH detection probability 1 - (1 - J^rows)^bands."""
+
+    def shingles(doc: str) -> set[str]:
+        words = simplify(doc).split()
+        return {" ".join(words[j : j + cfg.ngram]) for j in range(len(words) - cfg.ngram + 1)}
+
+    jaccard = np.array([len(a & b) / len(a | b) for a, b in ((shingles(docs[i]), shingles(docs[j])) for i, j in pairs)])
+    return float(np.mean(1 - (1 - jaccard**cfg.rows) ** cfg.bands))
+
+
 def run_lmstack(docs: list[str], cfg: DedupConfig) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     signatures = MinHasher(cfg.num_perm, cfg.ngram, "word", cfg.seed).signatures(docs)
@@ -76,6 +90,8 @@ def main() -> None:
     cfg = DedupConfig(ngram=5, bands=14, rows=8)
     docs, pairs = make_corpus(args.docs)
     print(f"{len(docs):,} documents of {WORDS_PER_DOC} words, {len(pairs):,} planted near-duplicate pairs")
+    print(f"expected recall {expected_recall(docs, pairs, cfg):.4f} (from the pairs' true Jaccard; each run's")
+    print("  recall scatters around it by the draw of its permutations, for both implementations)")
 
     seconds, labels = run_lmstack(docs, cfg)
     ours = len(docs) / seconds

@@ -50,8 +50,22 @@ def _train(args: argparse.Namespace) -> None:
         overrides.append(f"data={args.data}")
     cfg = load_train_config(args.recipe, overrides)  # config errors surface before the heavy imports
 
-    from lmstack.train.pretrain import pretrain
+    from lmstack.train.distributed import launch_local, under_launcher
+    from lmstack.train.pretrain import preflight, pretrain
 
+    if args.nproc_per_node < 1:
+        raise LmstackError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1:
+        if under_launcher():
+            raise LmstackError("--nproc-per-node is for a plain `lmstack train`; under torchrun leave it out")
+        preflight(cfg, args.resume, args.nproc_per_node)  # fail once, here, not in every process
+        cli_args = ["train", *(["--recipe", args.recipe] if args.recipe else [])]
+        cli_args += [arg for item in overrides for arg in ("--set", item)]
+        cli_args += ["--resume"] if args.resume else []
+        status = launch_local(args.nproc_per_node, cli_args)
+        if status:
+            raise SystemExit(status)
+        return
     pretrain(cfg, resume=args.resume)
 
 
@@ -142,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (same as --set out=DIR)")
     p.add_argument("--data", help="token shard directory (same as --set data=DIR)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (DDP, or FSDP2 with --set parallel=fsdp) via torchrun; "
+        "checks the data and config once before starting them",
+    )
 
     # generate / chat
     p = command("generate", _generate, "generate text from a prompt (streams to stdout)")

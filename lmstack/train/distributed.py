@@ -39,6 +39,21 @@ class DistContext:
         return self.rank == 0
 
 
+def under_launcher() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets the env:// variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_local(nproc: int, cli_args: list[str]) -> int:
+    """Run `lmstack <cli_args>` in `nproc` processes on this machine via torchrun; its exit status."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "lmstack.cli", *cli_args]
+    return subprocess.run(cmd).returncode
+
+
 def init_distributed(device: torch.device) -> DistContext:
     """Join the process group when launched by torchrun; otherwise a single-process context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -54,6 +54,23 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = _open_data(cfg)
+    ckpt = _checkpoint_to_resume(cfg, resume)
+    ctx = init_distributed(device)
+    try:
+        return Trainer(cfg, ctx, data, ckpt).run()
+    finally:
+        cleanup(ctx)
+
+
+def preflight(cfg: TrainConfig, resume: bool, world_size: int) -> None:
+    """What a launcher checks before it starts `world_size` processes, so a bad run fails once, early."""
+    data = _open_data(cfg)
+    check_data_fits(len(data["train"]), len(data["val"]), cfg.batch_size, cfg.seq_len, world_size, cfg.data)
+    _checkpoint_to_resume(cfg, resume)
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint `--resume` continues; refuses a missing one, and overwriting one without --resume."""
     out = Path(cfg.out)
     ckpt = ckpt_io.checkpoint_dir(out)
     if resume and ckpt is None:
@@ -63,11 +80,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise LmstackError(
             f"{out} already holds a checkpoint (step {step}); pass --resume to continue it or choose a new --out"
         )
-    ctx = init_distributed(device)
-    try:
-        return Trainer(cfg, ctx, data, ckpt if resume else None).run()
-    finally:
-        cleanup(ctx)
+    return ckpt if resume else None
 
 
 def _open_data(cfg: TrainConfig) -> dict[str, Any]:

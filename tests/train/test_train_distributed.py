@@ -38,9 +38,14 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def _torchrun(out, data, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "lmstack.cli", "train", "--out", str(out), "--data", str(data)]
+def _torchrun(out, data, *extra: str, resume: bool = False, via_flag: bool = False) -> subprocess.CompletedProcess:
+    """2 processes, launched by torchrun directly or by `lmstack train --nproc-per-node 2`."""
+    if via_flag:
+        cmd = [sys.executable, "-m", "lmstack.cli", "train", "--nproc-per-node", "2"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        cmd += ["-m", "lmstack.cli", "train"]
+    cmd += ["--out", str(out), "--data", str(data)]
     if resume:
         cmd.append("--resume")
     for item in [*SETTINGS, "batch_size=4", *extra]:
@@ -57,7 +62,7 @@ def single_process_run(tmp_path_factory, token_data_dir):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_training_matches_single_process(parallel, tmp_path, token_data_dir, single_process_run):
-    proc = _torchrun(tmp_path, token_data_dir, f"parallel={parallel}")
+    proc = _torchrun(tmp_path, token_data_dir, f"parallel={parallel}", via_flag=parallel == "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, reference = _losses(tmp_path), _losses(single_process_run)
     assert len(ours) == len(reference) == 5
@@ -91,3 +96,10 @@ def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, token_data_dir, sing
     assert "resuming" in proc.stderr
     assert _losses(fsdp_dir) == pytest.approx(_losses(single_dir), rel=1e-4)
     assert len(_losses(fsdp_dir)) == 7
+
+
+def test_nproc_flag_checks_the_data_once_before_starting_processes(tmp_path, token_data_dir):
+    proc = _torchrun(tmp_path, token_data_dir, "batch_size=100000", via_flag=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "fewer than one batch per rank (2 ranks" in proc.stderr
+    assert not (tmp_path / "checkpoint").exists()

@@ -195,13 +195,17 @@ class Tokenizer:
         )
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: each printable stand-in character -> its byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in chars)
-    chars.update({b: chr(256 + n) for n, b in enumerate(shifted)})
-    return {c: b for b, c in chars.items()}
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the spelling of byte-level vocabularies)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
 
 
 def _tiktoken_encoding(backend: Any) -> Any:
@@ -244,7 +248,7 @@ def _tiktoken_encoding(backend: Any) -> Any:
         return None
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
     vocab = {token: i for token, i in model["vocab"].items() if token not in special}
-    to_byte = _gpt2_byte_decoder()
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
     if any(c not in to_byte for token in vocab for c in token):
         return None  # a token outside the byte alphabet
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]

@@ -37,3 +37,21 @@ def token_data_dir(corpus_file, tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens")
     tokenize_corpus([corpus_file], tokenizer_dir, out, val_fraction=0.05, workers=1)
     return out
+
+
+def _unigram_cross_entropy(data) -> float:
+    """Cross-entropy (nats/token) of val under the train split's token frequencies (add-one smoothed)."""
+    import numpy as np
+
+    from lmstack.data.tokenize import load_meta, load_split
+
+    vocab = load_meta(data)["vocab_size"]
+    counts = np.bincount(np.asarray(load_split(data, "train")), minlength=vocab) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[np.asarray(load_split(data, "val"))].mean())
+
+
+@pytest.fixture(scope="session")
+def unigram_baseline():
+    """The loss a model must clearly beat to have learned more than token frequencies."""
+    return _unigram_cross_entropy

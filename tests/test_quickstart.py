@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from lmstack.data.tokenize import load_meta, load_split
 from lmstack.quickstart import quickstart
 
 
-def _unigram_baseline(data) -> float:
-    vocab = load_meta(data)["vocab_size"]
-    counts = np.bincount(np.asarray(load_split(data, "train")), minlength=vocab) + 1.0
-    return float(-np.log(counts / counts.sum())[np.asarray(load_split(data, "val"))].mean())
-
-
 @pytest.mark.slow
-def test_quickstart_leaves_a_complete_run_that_learned(tmp_path, capsys):
+def test_quickstart_leaves_a_complete_run_that_learned(tmp_path, capsys, unigram_baseline):
     summary = quickstart(tmp_path, minutes=0.75)
     run = tmp_path / "run"
     for name in ("loss.png", "report.html", "metrics.jsonl", "config.yaml", "checkpoint/model.safetensors"):
@@ -27,6 +19,6 @@ def test_quickstart_leaves_a_complete_run_that_learned(tmp_path, capsys):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     assert evals and evals[-1]["val_loss"] == pytest.approx(summary["val_loss"])
-    assert summary["val_loss"] < _unigram_baseline(tmp_path / "data") - 0.3
+    assert summary["val_loss"] < unigram_baseline(tmp_path / "data") - 0.3
     err = capsys.readouterr().err
     assert "5/5 samples" in err and f"lmstack generate --model {run / 'checkpoint'}" in err

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
-from lmstack.tokenizer import IM_END, Tokenizer
+from lmstack.tokenizer import IM_END, Tokenizer, bytes_to_unicode
 
 # The split regexes, as in Hugging Face tokenizer.json files (llama.cpp spells the same ones with
 # explicit case classes instead of (?i:...)).
@@ -58,19 +58,6 @@ PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
 
 # gguf.TokenType values
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the spelling of byte-level vocabularies)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars), strict=True))
 
 
 def _pre_tokenizer(kind: str):

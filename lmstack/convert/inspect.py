@@ -105,14 +105,15 @@ def inspect_model(ref: str | Path) -> dict[str, Any]:
     info = describe_model(ref)
     cfg: ModelConfig = info["config"]
     dtypes = info.get("tensor_types") or info.get("tensor_dtypes") or {}
+    training_flops = cfg.flops_per_token()  # forward + backward = 3 forward passes
     lines = [
         f"model         {info['reference']}",
         f"format        {info['format']} ({info['path']})",
         f"architecture  {info['architecture']} -> lmstack family {cfg.family!r}",
         f"              {_arch_line(cfg)}",
         f"parameters    {info['params']:,} ({info['params'] / 1e6:.1f}M; fp32 in memory {_size(info['fp32_bytes'])})",
-        f"compute       {cfg.flops_per_token() / 3 / 1e6:,.1f} MFLOPs/token forward at full context "
-        f"({cfg.flops_per_token() / 1e6:,.1f} training)",
+        f"compute       {training_flops / 3 / 1e6:,.1f} MFLOPs/token forward at full context "
+        f"({training_flops / 1e6:,.1f} training)",
         f"stored as     {', '.join(f'{k} x{v}' for k, v in dtypes.items())}",
         f"context       {info['context_length']:,} tokens",
     ]

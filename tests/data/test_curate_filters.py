@@ -33,14 +33,14 @@ GOOD_ZH = (
 )
 
 
-def run(block, text: str, **metadata) -> tuple[Document | None, BlockStats]:
+def run(block, text: str, doc_id: str = "d", **metadata) -> tuple[Document | None, BlockStats]:
     stats = BlockStats(block.name)
-    out = list(block.run([Document(text=text, id="d", metadata=dict(metadata))], stats))
+    out = list(block.run([Document(text=text, id=doc_id, metadata=dict(metadata))], stats))
     return (out[0] if out else None), stats
 
 
-def reason(block, text: str, **metadata) -> str | None:
-    doc, stats = run(block, text, **metadata)
+def reason(block, text: str, doc_id: str = "d", **metadata) -> str | None:
+    doc, stats = run(block, text, doc_id, **metadata)
     return None if doc is not None else next(iter(stats.dropped))
 
 
@@ -210,15 +210,9 @@ def test_badwords_whole_words_cjk_substrings_and_keep_fraction(tmp_path):
     assert reason(bw, "a comment line") is None  # comments are not words
     flagged = [f"badword number {i}" for i in range(400)]
     keep_some = BadWordsConfig(words_files=["words.txt"], keep_fraction=0.25).build(tmp_path)
-    kept = [t for i, t in enumerate(flagged) if reason_with_id(keep_some, t, f"doc-{i}") is None]
+    kept = [t for i, t in enumerate(flagged) if reason(keep_some, t, f"doc-{i}") is None]
     assert 60 < len(kept) < 140  # about a quarter, the same ones on every run
-    assert kept == [t for i, t in enumerate(flagged) if reason_with_id(keep_some, t, f"doc-{i}") is None]
-
-
-def reason_with_id(block, text: str, doc_id: str) -> str | None:
-    stats = BlockStats(block.name)
-    out = list(block.run([Document(text=text, id=doc_id)], stats))
-    return None if out else next(iter(stats.dropped))
+    assert kept == [t for i, t in enumerate(flagged) if reason(keep_some, t, f"doc-{i}") is None]
 
 
 def test_badwords_needs_an_existing_list(tmp_path):

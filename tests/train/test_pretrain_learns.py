@@ -10,7 +10,6 @@ import pytest
 from tiny_run import tiny_config
 
 from lmstack.config import TrainConfig, load_train_config
-from lmstack.data.tokenize import load_meta, load_split
 from lmstack.errors import LmstackError
 from lmstack.model.io import load_model_dir
 from lmstack.train.pretrain import pretrain
@@ -32,14 +31,6 @@ def _cfg(out, data, *extra: str) -> TrainConfig:
     )
 
 
-def unigram_baseline(data) -> float:
-    """Cross-entropy (nats/token) of val under the train split's token frequencies (add-one smoothed)."""
-    vocab = load_meta(data)["vocab_size"]
-    counts = np.bincount(np.asarray(load_split(data, "train")), minlength=vocab) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(-log_p[np.asarray(load_split(data, "val"))].mean())
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, token_data_dir):
     out = tmp_path_factory.mktemp("run")
@@ -47,7 +38,7 @@ def trained_run(tmp_path_factory, token_data_dir):
     return out, summary
 
 
-def test_tiny_model_beats_the_unigram_baseline(trained_run, token_data_dir):
+def test_tiny_model_beats_the_unigram_baseline(trained_run, token_data_dir, unigram_baseline):
     _, summary = trained_run
     baseline = unigram_baseline(token_data_dir)
     print(f"val loss {summary['val_loss']:.3f} vs unigram baseline {baseline:.3f}")

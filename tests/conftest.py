@@ -43,7 +43,7 @@ def _unigram_cross_entropy(data) -> float:
     """Cross-entropy (nats/token) of val under the train split's token frequencies (add-one smoothed)."""
     import numpy as np
 
-    from lmstack.data.tokenize import load_meta, load_split
+    from lmstack.data.shards import load_meta, load_split
 
     vocab = load_meta(data)["vocab_size"]
     counts = np.bincount(np.asarray(load_split(data, "train")), minlength=vocab) + 1.0

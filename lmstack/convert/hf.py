@@ -22,19 +22,25 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from lmstack.config import ModelConfig, build_dataclass
+from lmstack.config import ModelConfig
+from lmstack.convert.gguf_tokenizer import QWEN2_SPLIT
 from lmstack.errors import LmstackError
-
-if TYPE_CHECKING:
-    from lmstack.model.transformer import Transformer
-    from lmstack.tokenizer import Tokenizer
+from lmstack.model.io import empty_model, load_weights, model_state
+from lmstack.model.transformer import Transformer
+from lmstack.tokenizer import Tokenizer
+from lmstack.utils.config_loader import build_dataclass
+from lmstack.utils.io import atomic_path, atomic_write_text
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -191,8 +197,6 @@ class _LazyTensors:
     """name -> tensor across safetensors shards, opened memory-mapped, read one tensor at a time."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.where: dict[str, Any] = {}
         self.files: dict[str, Path] = {}
         for f in files:
@@ -320,10 +324,6 @@ def hf_state(
 def load_hf_dir(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    from lmstack.convert import empty_model
-    from lmstack.model.io import load_weights
-    from lmstack.tokenizer import Tokenizer
-
     directory = Path(directory)
     raw = read_hf_config(directory)
     arch = hf_architecture(raw, directory)
@@ -399,8 +399,6 @@ def export_architecture(cfg: ModelConfig, tokenizer: Tokenizer | None = None) ->
 
 
 def _has_qwen2_split(tokenizer: Tokenizer) -> bool:
-    from lmstack.convert.gguf_tokenizer import QWEN2_SPLIT
-
     return QWEN2_SPLIT in tokenizer.backend.to_str()
 
 
@@ -506,7 +504,6 @@ def _ours_to_hf(arch: str, name: str) -> str:
 
 def hf_export_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Our parameters under HF names (GPT-2: Conv1D layout, fused c_attn, zero biases when absent)."""
-    from lmstack.model.io import model_state
 
     cfg = model.cfg
     state = model_state(model)
@@ -536,9 +533,6 @@ def hf_export_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
 
 def save_hf_dir(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
     """Write a directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
-    from lmstack.utils.io import atomic_path, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -566,8 +560,6 @@ def save_hf_dir(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | 
 
 def describe_safetensors(files: list[Path]) -> dict[str, Any]:
     """dtype counts and parameter count from safetensors headers only (for `lmstack inspect`)."""
-    import struct
-    from collections import Counter
 
     dtypes: Counter[str] = Counter()
     n_params = 0

@@ -10,6 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.config import ModelConfig
+from lmstack.convert.gguf import describe, gguf_model_config
+from lmstack.convert.gguf_reader import read_gguf
+from lmstack.convert.gguf_tokenizer import tokenizer_from_gguf
+from lmstack.convert.hf import (
+    describe_safetensors,
+    hf_architecture,
+    hf_model_config,
+    read_hf_config,
+    safetensors_files,
+)
+from lmstack.hub import resolve
+from lmstack.model.io import read_model_config
+from lmstack.tokenizer import Tokenizer
 
 
 def _size(n: int) -> str:
@@ -41,16 +54,10 @@ def _arch_line(cfg: ModelConfig) -> str:
 
 def describe_model(ref: str | Path) -> dict[str, Any]:
     """Facts about a model reference as a dict (what `inspect_model` prints)."""
-    from lmstack.hub import resolve
-    from lmstack.tokenizer import Tokenizer
-
     kind, path = resolve(ref)
     info: dict[str, Any] = {"reference": str(ref), "format": kind, "path": str(path)}
     tokenizer = None
     if kind == "gguf":
-        from lmstack.convert.gguf import describe, gguf_model_config, read_gguf
-        from lmstack.convert.gguf_tokenizer import tokenizer_from_gguf
-
         gf = read_gguf(path)
         cfg = gguf_model_config(gf)
         info.update(describe(gf), architecture=f"gguf:{gf.architecture}", name=gf.metadata.get("general.name"))
@@ -58,23 +65,12 @@ def describe_model(ref: str | Path) -> dict[str, Any]:
         tokenizer = tokenizer_from_gguf(gf.metadata, path)
         info["tokenizer_pre"] = gf.metadata.get("tokenizer.ggml.pre")
     elif kind == "hf":
-        from lmstack.convert.hf import (
-            describe_safetensors,
-            hf_architecture,
-            hf_model_config,
-            read_hf_config,
-            safetensors_files,
-        )
-
         raw = read_hf_config(path)
         cfg = hf_model_config(raw, path)
         files = safetensors_files(path)
         info.update(describe_safetensors(files), architecture=hf_architecture(raw, path))
         info["files"] = {f.name: f.stat().st_size for f in files}
     else:
-        from lmstack.convert.hf import describe_safetensors
-        from lmstack.model.io import read_model_config
-
         cfg = read_model_config(path)
         weights = path / "model.safetensors"
         info.update(describe_safetensors([weights]), architecture=f"lmstack:{cfg.family}")

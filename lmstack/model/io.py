@@ -7,22 +7,46 @@ Writes are atomic, so an interrupted save never leaves a half-written checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from lmstack.config import ModelConfig, build_dataclass
+from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError
+from lmstack.model.transformer import Transformer
+from lmstack.tokenizer import Tokenizer
+from lmstack.utils.config_loader import build_dataclass
 from lmstack.utils.io import atomic_path, atomic_write_text
 
-if TYPE_CHECKING:
-    from lmstack.model.transformer import Transformer
-    from lmstack.tokenizer import Tokenizer
-
 FORMAT = "lmstack"
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip parameter init while building on the meta device: the values are replaced anyway, and
+    torch's first `normal_` on a meta tensor imports its decompositions (~1 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def empty_model(cfg: ModelConfig) -> Transformer:
+    """A `Transformer` on the meta device (no memory, no init), ready for `load_weights`."""
+    with torch.device("meta"), _no_init():
+        return Transformer(cfg)
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -41,8 +65,6 @@ def save_model_dir(
     tokenizer: Tokenizer | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state(model)
@@ -88,16 +110,12 @@ def load_model_dir(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
     """Build the model from config.json, load its weights, and the tokenizer when present."""
-    from lmstack.model.transformer import Transformer
-    from lmstack.tokenizer import Tokenizer
-
     directory = Path(directory)
     cfg = read_model_config(directory)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise LmstackError(f"no model.safetensors in {str(directory)!r}; the checkpoint is incomplete")
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = empty_model(cfg)
     load_weights(model, read_safetensors(weights))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
@@ -105,9 +123,6 @@ def load_model_dir(
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

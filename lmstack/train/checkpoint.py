@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.config import TrainConfig, to_dict
+from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError
 from lmstack.train.distributed import DistContext, barrier, gather_objects, unwrap
+from lmstack.utils.config_loader import to_dict
 from lmstack.utils.io import atomic_path, atomic_write_text
 
 FORMAT = "lmstack-trainer-v1"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmstack.config import TrainConfig, to_dict
+from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError
 from lmstack.train import checkpoint as ckpt_io
 from lmstack.train.data import TrainBatches, check_data_fits, val_batches
@@ -41,6 +41,7 @@ from lmstack.train.distributed import (
     wrap_model,
 )
 from lmstack.train.optim import build_optimizer, lr_at, set_lr
+from lmstack.utils.config_loader import to_dict
 from lmstack.utils.device import DTYPES, resolve_device
 
 
@@ -84,7 +85,7 @@ def _checkpoint_to_resume(cfg: TrainConfig, resume: bool) -> Path | None:
 
 
 def _open_data(cfg: TrainConfig) -> dict[str, Any]:
-    from lmstack.data.tokenize import load_meta, load_split
+    from lmstack.data.shards import load_meta, load_split
 
     if not cfg.data:
         raise LmstackError("no training data given; pass --data DIR (a directory from `lmstack data tokenize`)")

@@ -133,7 +133,7 @@ def test_lmstack_hf_lmstack_round_trip_is_lossless(case, tmp_path, tokenizer_dir
     model = Transformer(model_config(preset, vocab_size=1024, n_layer=2, **overrides)).eval()
     _perturb(model)
     save_model_dir(model, tmp_path / "ours", Tokenizer.load(tokenizer_dir))
-    from lmstack.convert import convert
+    from lmstack.convert.export import convert
 
     convert(str(tmp_path / "ours"), "hf", tmp_path / "hf")
     convert(str(tmp_path / "hf"), "lmstack", tmp_path / "back")

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.config import build_dataclass, load_yaml, merge, parse_overrides, unknown_key_message
 from lmstack.data.curate.base import Block
 from lmstack.data.curate.collect import WebConfig, collect
 from lmstack.data.curate.decontam import DecontamConfig
@@ -46,8 +45,11 @@ from lmstack.data.curate.mix import MixConfig, copies, estimate_tokens, sampling
 from lmstack.data.curate.normalize import HtmlExtractConfig, NormalizeConfig
 from lmstack.data.curate.pii import PiiConfig
 from lmstack.data.curate.readers import ReadTask, SourceConfig, make_tasks, read_task
+from lmstack.data.curate.report import build_summary, write_report
 from lmstack.data.curate.writers import ShardWriter, read_jsonl_documents, write_jsonl_documents
+from lmstack.data.tokenize import tokenize_corpus
 from lmstack.errors import LmstackError, require
+from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides, unknown_key_message
 from lmstack.utils.io import atomic_path, atomic_write_text
 
 BLOCK_CONFIGS: dict[str, type] = {
@@ -439,8 +441,6 @@ def prepare(recipe_path: str, out_dir: str, workers: int = 0, overrides: list[st
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    from lmstack.data.curate.report import build_summary, write_report
-
     out = Path(out_dir)
     workers = workers or os.cpu_count() or 1
     fingerprint = recipe_fingerprint(recipe)
@@ -454,7 +454,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, workers: int = 0, progress: 
     stage3 = _run_sharded(write_task, ctx, tasks, "stage3", workers, "write")
     files = [out / f for m in stage3 for f in m["files"]]
     tokens_meta = _tokenize(recipe, out, files, workers)
-    summary = build_summary(recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, str(out))
+    edges = (10**LENGTH_BINS).tolist()
+    summary = build_summary(recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, str(out), edges)
     write_report(out, summary)
     print(summary["line"], file=sys.stderr)
     return summary
@@ -513,8 +514,6 @@ def _tokenize(recipe: Recipe, out: Path, files: list[Path], workers: int) -> dic
     marker = out / "work" / "tokenize.done"
     if marker.is_file() and meta_path.is_file():
         return json.loads(meta_path.read_text())
-    from lmstack.data.tokenize import tokenize_corpus
-
     tokenizer = Path(recipe.output.tokenizer)
     if not tokenizer.is_absolute():
         tokenizer = Path(recipe.base_dir) / tokenizer

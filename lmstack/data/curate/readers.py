@@ -2,32 +2,27 @@
 
 Formats: .txt/.md (a file is a document), .jsonl and .json (choose `text_field`), .csv, .parquet,
 .html/.htm, WARC (.warc, .warc.gz), and Hugging Face `datasets` saved with `save_to_disk` (read
-directly with pyarrow, so the `datasets` package is not needed). Bad input never stops a run: an
-undecodable file or line, a malformed JSON line or a record without the text field is skipped, counted
-under its reason and listed with file and line number in the report.
+directly with pyarrow, so the `datasets` package is not needed). The record formats are read by
+`lmstack.data.files` (shared with tokenization); this module adds HTML, WARC and web pages, sources and
+read tasks. Bad input never stops a run: an undecodable file or line, a malformed JSON line or a record
+without the text field is skipped, counted under its reason and listed with file and line number in
+the report.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lmstack.data.curate.collect import WebConfig
 from lmstack.data.curate.document import BlockStats, Document
+from lmstack.data.files import SUFFIX_FORMATS, OnProblem, decode, iter_records, read_text_file, record_text
 from lmstack.errors import LmstackError, require
 
 SUFFIX_TYPES = {
-    ".txt": "text",
-    ".md": "text",
-    ".jsonl": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
+    **SUFFIX_FORMATS,
     ".html": "html",
     ".htm": "html",
     ".warc": "warc",
@@ -155,131 +150,37 @@ def read_task(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
         yield doc
 
 
-def _decode(data: bytes, where: str, stats: BlockStats) -> str | None:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+def _skip_and_count(stats: BlockStats) -> OnProblem:
+    """The lenient policy: a bad file, line or record is counted under its reason, listed, and skipped."""
+
+    def on_problem(message: str, reason: str) -> None:
         stats.seen += 1
-        stats.error(f"{where}: undecodable bytes ({exc.reason} at byte {exc.start}); skipped", "undecodable_bytes")
-        return None
+        stats.error(f"{message}; skipped", reason)
+
+    return on_problem
 
 
 def _read_text(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    text = _decode(Path(task.path).read_bytes(), task.path, stats)
+    text = read_text_file(Path(task.path), _skip_and_count(stats))
     if text is not None:
         yield Document(text=text, id=f"{task.source}/{Path(task.path).name}", metadata={"file": task.path})
 
 
-def _record_to_doc(record: Any, task: ReadTask, where: str, fallback_id: str, stats: BlockStats) -> Document | None:
-    if not isinstance(record, dict):
-        stats.seen += 1
-        stats.error(f"{where}: expected a JSON object, got {type(record).__name__}", "malformed_record")
-        return None
-    text = record.get(task.text_field)
-    if not isinstance(text, str):
-        stats.seen += 1
-        stats.error(
-            f"{where}: no string field {task.text_field!r} (fields: {', '.join(map(str, record))})",
-            "missing_text_field",
-        )
-        return None
-    doc_id = str(record[task.id_field]) if task.id_field and task.id_field in record else fallback_id
-    return Document(text=text, id=doc_id, metadata={"file": task.path})
-
-
-def _read_jsonl(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    name = Path(task.path).name
-    with open(task.path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{task.path}:{line_no}"
-            line = _decode(raw, where, stats)
-            if line is None:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                stats.seen += 1
-                stats.error(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); skipped", "malformed_json")
-                continue
-            doc = _record_to_doc(record, task, where, f"{task.source}/{name}:{line_no}", stats)
-            if doc is not None:
-                yield doc
-
-
-def _read_json(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    text = _decode(Path(task.path).read_bytes(), task.path, stats)
-    if text is None:
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        stats.seen += 1
-        stats.error(f"{task.path}:{exc.lineno}: malformed JSON ({exc.msg}); file skipped", "malformed_json")
-        return
-    records = data if isinstance(data, list) else [data]
-    name = Path(task.path).name
-    for i, record in enumerate(records):
-        doc = _record_to_doc(record, task, f"{task.path}[{i}]", f"{task.source}/{name}[{i}]", stats)
-        if doc is not None:
-            yield doc
-
-
-def _read_csv(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    text = _decode(Path(task.path).read_bytes(), task.path, stats)
-    if text is None:
-        return
-    name = Path(task.path).name
-    for row_no, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):  # row 1 is the header
-        doc = _record_to_doc(row, task, f"{task.path}:{row_no}", f"{task.source}/{name}:{row_no}", stats)
-        if doc is not None:
-            yield doc
-
-
-def _read_parquet(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(task.path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        stats.seen += 1
-        stats.error(f"{task.path}: not a readable parquet file ({exc}); skipped", "unreadable_file")
-        return
-    yield from _read_record_batches(task, table.iter_batches(), stats)
-
-
-def _read_arrow(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    import pyarrow as pa
-
-    try:
-        reader = pa.ipc.open_stream(task.path)
-    except Exception as exc:
-        stats.seen += 1
-        stats.error(f"{task.path}: not a readable arrow file ({exc}); skipped", "unreadable_file")
-        return
-    yield from _read_record_batches(task, reader, stats)
-
-
-def _read_record_batches(task: ReadTask, batches, stats: BlockStats) -> Iterator[Document]:
-    name, row = Path(task.path).name, 0
-    for batch in batches:
-        if task.text_field not in batch.schema.names:
-            stats.seen += 1
-            stats.error(
-                f"{task.path}: no column {task.text_field!r} (columns: {', '.join(batch.schema.names)})",
-                "missing_text_field",
-            )
-            return
-        for record in batch.to_pylist():
-            doc = _record_to_doc(record, task, f"{task.path} row {row}", f"{task.source}/{name}:{row}", stats)
-            row += 1
-            if doc is not None:
-                yield doc
+def _read_records(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
+    """jsonl, json, csv, parquet and saved-dataset arrow files: one document per record."""
+    on_problem = _skip_and_count(stats)
+    fmt = "arrow" if task.type == "hf" else task.type
+    for where, local_id, record in iter_records(Path(task.path), fmt, on_problem, task.text_field):
+        text = record_text(record, task.text_field, where, on_problem)
+        if text is None:
+            continue
+        has_id = task.id_field and task.id_field in record
+        doc_id = str(record[task.id_field]) if has_id else f"{task.source}/{local_id}"
+        yield Document(text=text, id=doc_id, metadata={"file": task.path})
 
 
 def _read_html(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
-    text = _decode(Path(task.path).read_bytes(), task.path, stats)
+    text = read_text_file(Path(task.path), _skip_and_count(stats))
     if text is not None:
         meta = {"file": task.path, "format": "html"}
         yield Document(text=text, id=f"{task.source}/{Path(task.path).name}", metadata=meta)
@@ -298,7 +199,7 @@ def _read_warc(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
             content_type = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
             if record.rec_type == "response" and "html" not in content_type:
                 continue
-            text = _decode(record.content_stream().read(), f"{task.path} {url}", stats)
+            text = decode(record.content_stream().read(), f"{task.path} {url}", _skip_and_count(stats))
             if text is None:
                 continue
             fmt = "html" if record.rec_type == "response" else "text"
@@ -319,11 +220,11 @@ def _read_web_pages(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
 
 _READERS = {
     "text": _read_text,
-    "jsonl": _read_jsonl,
-    "json": _read_json,
-    "csv": _read_csv,
-    "parquet": _read_parquet,
-    "hf": _read_arrow,
+    "jsonl": _read_records,
+    "json": _read_records,
+    "csv": _read_records,
+    "parquet": _read_records,
+    "hf": _read_records,
     "html": _read_html,
     "warc": _read_warc,
     "web": _read_web_pages,

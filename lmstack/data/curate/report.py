@@ -64,7 +64,11 @@ pre { background: #f7f7f7; padding: 6px; white-space: pre-wrap; font-size: 12px;
 """
 
 
-def build_summary(recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, out_dir) -> dict[str, Any]:
+def build_summary(
+    recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_meta, out_dir, length_bin_edges: list[float]
+) -> dict[str, Any]:
+    """Everything report.json and report.html show. `length_bin_edges`: the document-length histogram's
+    bin edges in characters (the histograms in stage1/stage3 were counted with them)."""
     per_shard = [collect_stats] + [m["stats"] for m in stage1] + [dedup["stats"]] + [m["stats"] for m in stage3]
     blocks = [b.to_dict() for b in merge_stats(per_shard)]
     sources: dict[str, dict[str, Any]] = {
@@ -115,6 +119,7 @@ def build_summary(recipe, tasks, collect_stats, stage1, dedup, stage3, tokens_me
         "languages": dict(languages.most_common()),
         "pii": pii,
         "clusters": dedup["clusters"],
+        "length_bin_edges": length_bin_edges,
         "input_lengths": np.sum([m["input_lengths"] for m in stage1], axis=0).tolist(),
         "output_lengths": np.sum([m["output_lengths"] for m in stage3], axis=0).tolist(),
         "error_count": error_count,
@@ -140,13 +145,10 @@ def _plots(plot_dir: Path, summary: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmstack.data.curate.pipeline import LENGTH_BINS
-
     plot_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    edges = 10**LENGTH_BINS
     for key, label in (("input_lengths", "read"), ("output_lengths", "written")):
-        ax.stairs(summary[key], edges, label=label)
+        ax.stairs(summary[key], summary["length_bin_edges"], label=label)
     ax.set_xscale("log")
     ax.set_xlabel("document length (characters)")
     ax.set_ylabel("documents")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lmstack.config import model_config
-from lmstack.convert.gguf import dequantize_tensor, read_gguf, save_gguf
+from lmstack.convert.gguf import save_gguf
+from lmstack.convert.gguf_reader import dequantize_tensor, read_gguf
 from lmstack.convert.gguf_tokenizer import tokenizer_from_gguf
 from lmstack.convert.hf import save_hf_dir
 from lmstack.errors import LmstackError

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lmstack.config import model_config
-from lmstack.convert.gguf import load_gguf, read_gguf, save_gguf
+from lmstack.convert.gguf import load_gguf, save_gguf
+from lmstack.convert.gguf_reader import read_gguf
 from lmstack.convert.gguf_tokenizer import gguf_pre_name
 from lmstack.model.transformer import KVCache, Transformer
 from lmstack.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lmstack.convert.gguf import SUPPORTED_QUANTS, GGUFTensor, dequantize_tensor, read_gguf
+from lmstack.convert.gguf_reader import SUPPORTED_QUANTS, GGUFTensor, dequantize_tensor, read_gguf
 from lmstack.hub import resolve
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lmstack.cli import main
 from lmstack.config import model_config
-from lmstack.convert.gguf import read_gguf
+from lmstack.convert.gguf_reader import read_gguf
 from lmstack.hub import load_model, resolve
 from lmstack.model.io import save_model_dir
 from lmstack.model.transformer import Transformer

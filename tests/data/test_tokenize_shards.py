@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from lmstack.data.tokenize import load_meta, load_split, tokenize_corpus
+from lmstack.data.shards import load_meta, load_split
+from lmstack.data.tokenize import tokenize_corpus
 from lmstack.errors import LmstackError
 from lmstack.tokenizer import Tokenizer
 

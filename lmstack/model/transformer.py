@@ -7,9 +7,9 @@ Two families share this file, selected by `ModelConfig.family`:
 Parameter names follow Hugging Face LLaMA (`q_proj`, `gate_proj`, ...) so converters and PEFT
 adapters map one to one.
 
-Attention runs through `F.scaled_dot_product_attention`. Generation passes a cache object (anything
-with `.length` and `.update(layer, k, v)`, see `KVCache`) into the same modules; no second copy
-of attention exists anywhere.
+Attention runs through `F.scaled_dot_product_attention`. Generation passes a cache object (the `Cache`
+protocol: `layout`, `update`, `advance`) into the same modules: `KVCache` for one contiguous stream,
+the engine's `PagedKVCache` for ragged batches. No second copy of attention exists anywhere.
 """
 
 from __future__ import annotations
@@ -28,12 +28,20 @@ from lmstack.model.moe import MoEFeedForward
 
 
 class Cache(Protocol):
-    """What attention needs from a KV cache. The engine's paged cache implements the same."""
+    """What attention needs from a KV cache (docs/architecture.md, Seam 2).
 
-    length: int  # tokens already stored (same for every sequence in the batch)
+    `KVCache` below keeps one length for the whole batch; the engine's `PagedKVCache` gives every
+    row its own length and block table. Both go through the same `Attention`.
+    """
+
+    def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
+        """For a step of T new tokens per row: positions (B, T) or (T,), the largest position as a
+        Python int (no device sync), and a bool attention mask (B|1, 1, T, L) or None for plain causal."""
+        ...
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_kv_head, T, head_dim) for `layer`; return all keys/values so far."""
+        """Store k, v (B, n_kv_head, T, head_dim) for `layer`; return the keys/values (B, n_kv_head, L,
+        head_dim) this step's queries may see."""
         ...
 
     def advance(self, n: int) -> None:
@@ -65,6 +73,10 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
+        past = self.length
+        return torch.arange(past, past + T, device=device), past + T - 1, attention_mask(T, past, None, device)
+
     def reorder(self, index: Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. sequences still generating)."""
         self.k = [k.index_select(0, index) for k in self.k]
@@ -77,6 +89,7 @@ class ModelOutput:
     loss: Tensor | None = None  # lm_loss + moe_aux_loss_coef * aux_loss: what training minimises
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None  # MoE load-balancing loss summed over layers (0 for dense)
+    hidden: Tensor | None = None  # (B, T, d_model) final normed hidden states, with return_hidden (embeddings)
 
 
 class RMSNorm(nn.Module):
@@ -142,7 +155,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self._project_qkv(x)
+        qkv_proj = getattr(self, "qkv_proj", None)  # set by fuse_for_inference: one matmul, weights fused once
+        if qkv_proj is not None:
+            q, k, v = qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self._project_qkv(x)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
@@ -177,6 +194,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        gate_up_proj = getattr(self, "gate_up_proj", None)  # set by fuse_for_inference
+        if gate_up_proj is not None:
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
@@ -248,7 +269,7 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        idx: Tensor,
+        idx: Tensor | None,
         targets: Tensor | None = None,
         *,
         cache: Cache | None = None,
@@ -256,33 +277,44 @@ class Transformer(nn.Module):
         key_mask: Tensor | None = None,
         last_logits_only: bool = False,
         label_smoothing: float = 0.0,
+        inputs_embeds: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """idx (B, T) token ids. targets (B, T) with -100 to ignore.
 
-        cache: continue after `cache.length` stored positions. positions: (T,) or (B, T) explicit
-        position ids (left-padded batches). key_mask: (B, L) bool, False for padded key positions
-        over the whole sequence so far (L = past + T).
+        cache: a `Cache` (KVCache or the engine's PagedKVCache); it lays out positions and the mask.
+        positions: (T,) or (B, T) explicit position ids (left-padded batches). key_mask: (B, L) bool,
+        False for padded key positions over the whole sequence so far (L = past + T; with a KVCache).
+        inputs_embeds: (B, T, d_model) used instead of `tok_emb(idx)` (idx None): soft prompts (lmstack.peft).
+        return_hidden: also return the final normed hidden states (mean-pooled embeddings in lmstack.serve).
         """
         cfg = self.cfg
-        B, T = idx.shape
-        past = cache.length if cache is not None else 0
+        B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = idx.device if inputs_embeds is None else inputs_embeds.device
+        if cache is not None:
+            # max_position is a Python int from the cache: no device sync, torch.compile graphs stay whole.
+            layout_positions, max_position, mask = cache.layout(T, device)
+        else:
+            layout_positions, max_position, mask = torch.arange(T, device=device), T - 1, None
         if positions is None:
-            positions = torch.arange(past, past + T, device=idx.device)
-            max_position = past + T - 1  # known without reading the tensor: keeps torch.compile graphs whole
+            positions = layout_positions
         else:
             max_position = int(positions.max())
+        if key_mask is not None:
+            if cache is not None and not isinstance(cache, KVCache):
+                raise LmstackError("key_mask works with a contiguous KVCache; a paged cache masks its own rows")
+            mask = attention_mask(T, cache.length if cache is not None else 0, key_mask, device)
         if max_position >= cfg.max_seq_len and cfg.family == "gpt2":
             raise LmstackError(
                 f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; shorten the input"
             )
-        x = self.tok_emb(idx)  # (B, T, d_model)
+        x = self.tok_emb(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
         rope = None
         if cfg.family == "gpt2":
             x = x + self.pos_emb(positions)
         else:
             rope = self._rope(positions, max_position + 1)
         x = self.drop(x)
-        mask = self._attention_mask(T, past, key_mask, idx.device)
         aux_total = None
         for block in self.layers:
             x, aux = block(x, rope, mask, cache)
@@ -291,10 +323,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
+        hidden = x if return_hidden else None
         if last_logits_only:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, vocab)
-        out = ModelOutput(logits=logits, aux_loss=aux_total)
+        out = ModelOutput(logits=logits, aux_loss=aux_total, hidden=hidden)
         if targets is not None:
             out.lm_loss = F.cross_entropy(
                 logits.float().view(-1, logits.shape[-1]),
@@ -305,19 +338,19 @@ class Transformer(nn.Module):
             out.loss = out.lm_loss if aux_total is None else out.lm_loss + cfg.moe_aux_loss_coef * aux_total
         return out
 
-    @staticmethod
-    def _attention_mask(T: int, past: int, key_mask: Tensor | None, device) -> Tensor | None:
-        """None when plain causal attention suffices (SDPA's fast path); else a bool (B|1, 1, T, L) mask."""
-        if key_mask is None and (past == 0 or T == 1):
-            return None
-        L = past + T
-        causal = torch.arange(L, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
-        mask = causal[None, None]  # (1, 1, T, L)
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, None, :L].bool()
-            # A fully masked row (a pad query) would give NaN; let it see itself instead.
-            mask = _unmask_empty_rows(mask, past)
-        return mask
+
+def attention_mask(T: int, past: int, key_mask: Tensor | None, device) -> Tensor | None:
+    """None when plain causal attention suffices (SDPA's fast path); else a bool (B|1, 1, T, L) mask."""
+    if key_mask is None and (past == 0 or T == 1):
+        return None
+    L = past + T
+    causal = torch.arange(L, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
+    mask = causal[None, None]  # (1, 1, T, L)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :L].bool()
+        # A fully masked row (a pad query) would give NaN; let it see itself instead.
+        mask = _unmask_empty_rows(mask, past)
+    return mask
 
 
 def _unmask_empty_rows(mask: Tensor, past: int) -> Tensor:
@@ -329,3 +362,46 @@ def _unmask_empty_rows(mask: Tensor, past: int) -> Tensor:
     own = torch.zeros(T, L, dtype=torch.bool, device=mask.device)
     own[torch.arange(T), past + torch.arange(T)] = True
     return mask | (empty & own)
+
+
+def _concat_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One module whose output is the parts' outputs concatenated; None when they cannot be fused
+    (adapters around them, or formats of different kinds)."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts):
+        return None
+    if kind is nn.Linear:
+        first = parts[0]
+        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None)
+        fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if first.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        return fused.requires_grad_(False)
+    concat_out = getattr(kind, "concat_out", None)  # quantized formats (Seam 1) fuse their packed rows
+    return concat_out(parts) if concat_out is not None else None
+
+
+def fuse_for_inference(model: Transformer) -> Transformer:
+    """Replace q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj`, once, for decoding.
+
+    A decode step is bound by reading weights, and one matmul over fused rows reads them in one
+    pass instead of three (two) kernel launches. The separate modules are removed, so a fused model
+    is for inference only: training, adapters and export keep the Hugging Face names unfused.
+    Returns the model (fused in place).
+    """
+    for module in model.modules():
+        if isinstance(module, Attention) and getattr(module, "qkv_proj", None) is None:
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+            fused = _concat_linears(parts)
+            if fused is not None:
+                module.qkv_sizes = [p.out_features for p in parts]
+                module.qkv_proj = fused
+                del module.q_proj, module.k_proj, module.v_proj
+        elif isinstance(module, FeedForward) and module.swiglu and getattr(module, "gate_up_proj", None) is None:
+            fused = _concat_linears([module.gate_proj, module.up_proj])
+            if fused is not None:
+                module.gate_up_proj = fused
+                del module.gate_proj, module.up_proj
+    return model

@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from lmstack.config import model_config
-from lmstack.engine.generate import (
-    SamplingParams,
-    _StopStringScanner,
-    apply_repetition_penalty,
-    filter_top_k_top_p,
-    generate_text,
-    generate_tokens,
-)
+from lmstack.engine.generate import generate_text, generate_tokens
+from lmstack.engine.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p
+from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer
 from lmstack.model.io import save_model_dir
@@ -80,16 +75,16 @@ def test_seeded_sampling_is_reproducible(model_and_tokenizer):
 
 
 def test_stop_string_scanner_never_leaks_the_stop():
-    scanner = _StopStringScanner(["STOP"])
+    scanner = StopStringScanner(["STOP"])
     text, pieces = "", []
     for chunk in ["Hello S", "T", "O", "P world"]:
         text += chunk
         pieces.append(scanner.feed(text))
     assert "".join(pieces) == "Hello " and scanner.stopped
-    holdback = _StopStringScanner(["\n\n"])
+    holdback = StopStringScanner(["\n\n"])
     assert holdback.feed("line\n") == "line"
     assert holdback.feed("line\nmore") == "\nmore"
-    assert _StopStringScanner([]).feed("abc\ufffd") == "abc"  # incomplete UTF-8 waits
+    assert StopStringScanner([]).feed("abc\ufffd") == "abc"  # incomplete UTF-8 waits
 
 
 def test_prompt_errors(model_and_tokenizer):
@@ -100,7 +95,7 @@ def test_prompt_errors(model_and_tokenizer):
         list(generate_tokens(model, [], SamplingParams()))
     with pytest.raises(LmstackError, match="outside the model's vocabulary"):
         list(generate_tokens(model, [10**6], SamplingParams()))
-    with pytest.raises(LmstackError, match="top-p"):
+    with pytest.raises(LmstackError, match="top_p"):
         SamplingParams(top_p=0)
 
 

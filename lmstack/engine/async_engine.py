@@ -1,0 +1,116 @@
+"""`AsyncEngine`: the server's view of `LLMEngine` (asyncio streams over one stepping thread).
+
+    async for out in AsyncEngine(engine).stream(prompt_ids, params): ...
+
+One background task calls `engine.step()` in a worker thread while requests are pending and hands
+each output to its request's queue, so the event loop never blocks on the model. Bad input and a
+full queue raise at once from `stream`/`generate` (before any output). Leaving a stream early (client
+disconnect, task cancelled) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from lmstack.engine.engine import EngineStats, LLMEngine, RequestOutput
+from lmstack.engine.sampling import SamplingParams
+
+
+class AsyncEngine:
+    """Every engine call runs on one worker thread, so calls never race and the event loop never waits
+    on a lock while a step runs."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-engine")
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop_task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; the last one has `finished=True`."""
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        request_id = await self._call(self.engine.add_request, prompt, params, request_id)
+        self._queues[request_id] = queue
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
+        """The finished output of one request."""
+        last = None
+        async for out in self.stream(prompt, params, request_id):
+            last = out
+        if last is None:
+            raise RuntimeError("the engine ended a request without a final output")
+        return last
+
+    def abort(self, request_id: str) -> None:
+        """Abort on the engine thread (never blocks the caller; the blocks are freed before the next step)."""
+        self._executor.submit(self.engine.abort, request_id)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (counters read without waiting for the running step)."""
+        return self.engine.stats()
+
+    async def shutdown(self) -> None:
+        """Abort everything still running, end the streams and stop the stepping task."""
+        outputs = await self._call(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])
+        for out in outputs:
+            queue = self._queues.get(out.request_id) if out is not None else None
+            if queue is not None:
+                queue.put_nowait(out)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            self._loop_task = None
+        self._executor.shutdown(wait=False)
+
+    # -- the stepping loop --------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _step(self) -> list[RequestOutput] | None:
+        return self.engine.step() if self.engine.has_unfinished() else None
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                outputs = await self._call(self._step)
+            except Exception as error:  # a failing step fails the requests in flight, not the server
+                await self._call(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])
+                for queue in self._queues.values():
+                    queue.put_nowait(error)
+                continue
+            if outputs is None:  # idle until a request arrives
+                self._wake.clear()
+                if not self.engine.has_unfinished():  # one may have arrived since the step looked
+                    await self._wake.wait()
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

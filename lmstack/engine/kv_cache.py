@@ -1,0 +1,186 @@
+"""Paged KV cache: a pool of fixed-size blocks, per-sequence block tables, prefix caching.
+
+Two halves, kept apart so a KV block store can later move to another process:
+- `BlockManager` (host bookkeeping): which blocks are free, reference counts, and the prefix cache,
+  a map from a block's hash chain (hash of the parent block's key and this block's tokens) to the
+  block that holds those keys/values. Full blocks are immutable, so sequences share them freely;
+  a freed block keeps its contents and stays findable until it is reused (LRU).
+- `PagedKVCache` (tensors): per layer, keys and values for `num_blocks * block_size` token slots.
+  It implements the model's cache protocol (`layout`, `update`, `advance`) for a ragged batch: each
+  row is one sequence with its own length and block table, new tokens left-padded to a common T.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmstack.config import ModelConfig
+
+BlockKey = tuple[int, tuple[int, ...]]  # (parent block's chain hash, this block's token ids)
+
+
+def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of keys + values for one block over all layers."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * block_size * element
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.refs = [0] * num_blocks
+        self.key_of: list[BlockKey | None] = [None] * num_blocks
+        self.cached: dict[BlockKey, int] = {}  # hash-chain key -> block holding it
+        self.free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives block 0 first
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # unreferenced but findable, LRU first
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # -- capacity -------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free_plain) + len(self.free_cached)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences."""
+        return 1.0 - self.num_free / self.num_blocks
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens looked up."""
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    # -- allocation -----------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (private to the caller), or None when the pool cannot provide them."""
+        if n > self.num_free:
+            return None
+        blocks = []
+        for _ in range(n):
+            if self.free_plain:
+                block = self.free_plain.pop()
+            else:  # evict the least recently used cached block
+                block, _ = self.free_cached.popitem(last=False)
+                key = self.key_of[block]
+                if key is not None and self.cached.get(key) == block:
+                    del self.cached[key]
+                self.key_of[block] = None
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if self.key_of[block] is not None:
+                    self.free_cached[block] = None  # most recently used: evicted last
+                else:
+                    self.free_plain.append(block)
+
+    # -- prefix cache ---------------------------------------------------------------------------
+    def lookup_prefix(self, tokens: list[int]) -> tuple[list[int], int]:
+        """Blocks already holding a prefix of `tokens` (referenced for the caller) and the chain hash
+        after them. At least one token is left to compute, so the last prompt token yields logits."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        bs, parent, blocks = self.block_size, 0, []
+        for i in range((len(tokens) - 1) // bs):
+            key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            block = self.cached.get(key)
+            if block is None:
+                break
+            if self.refs[block] == 0:
+                del self.free_cached[block]
+            self.refs[block] += 1
+            blocks.append(block)
+            parent = hash(key)
+        return blocks, parent
+
+    def record_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count a prompt's first admission towards the hit rate (re-admissions after preemption do not)."""
+        self.prefix_query_tokens += prompt_tokens
+        self.prefix_hit_tokens += hit_tokens
+
+    def register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
+        """Record that a full `block` holds `tokens` after the chain `parent`; returns its chain hash."""
+        key = (parent, tokens)
+        if self.enable_prefix_caching and self.key_of[block] is None:
+            self.key_of[block] = key
+            self.cached.setdefault(key, block)  # an identical block computed twice: keep the first
+        return hash(key)
+
+
+@dataclass
+class RowSpec:
+    """One row of a ragged step: a sequence's block table, tokens already stored, tokens this step."""
+
+    block_table: list[int]
+    past: int
+    new: int
+
+
+class PagedKVCache:
+    """Keys/values of all sequences in one slot pool per layer: (num_blocks * block_size, n_kv_head, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+        slots = num_blocks * block_size
+        shape = (slots, cfg.n_kv_head, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        self._layout: tuple[Tensor, int, Tensor] | None = None
+
+    def prepare(self, rows: list[RowSpec], T: int) -> None:
+        """Lay out the next forward: row b holds `rows[b].new` tokens right-aligned in T columns
+        (left padding), continuing after `rows[b].past` stored tokens."""
+        bs = self.block_size
+        lengths = [r.past + r.new for r in rows]
+        L = max(lengths)
+        positions = torch.zeros(len(rows), T, dtype=torch.long)
+        gather = torch.zeros(len(rows), L, dtype=torch.long)
+        write_slots, write_index = [], []
+        for b, row in enumerate(rows):
+            table = torch.tensor(row.block_table, dtype=torch.long)
+            pos = torch.arange(row.past + row.new)
+            slots = table[pos // bs] * bs + pos % bs  # slot of every position of this sequence
+            gather[b, : len(pos)] = slots
+            pad = T - row.new
+            positions[b, pad:] = pos[row.past :]
+            write_slots.append(slots[row.past :])
+            write_index.append(torch.arange(b * T + pad, (b + 1) * T))
+        # Query at position p sees keys 0..p of its own row; padding queries (position 0) see key 0.
+        mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (B, T, L)
+        device = self.device
+        self._write_slots = torch.cat(write_slots).to(device)
+        self._write_index = torch.cat(write_index).to(device)
+        self._padded = sum(r.new for r in rows) != len(rows) * T
+        self._gather = gather.view(-1).to(device)
+        self._shape = (len(rows), T, L)
+        self._layout = (positions.to(device), max(lengths) - 1, mask[:, None].to(device))
+
+    def layout(self, T: int, device) -> tuple[Tensor, int, Tensor]:
+        assert self._layout is not None and self._shape[1] == T, "PagedKVCache.prepare() must describe this step"
+        return self._layout
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        B, n_kv, T, hd = k.shape
+        _, _, L = self._shape
+        out = []
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            tokens = new.transpose(1, 2).reshape(B * T, n_kv, hd)
+            if self._padded:
+                tokens = tokens.index_select(0, self._write_index)
+            pool.index_copy_(0, self._write_slots, tokens)
+            out.append(pool.index_select(0, self._gather).view(B, L, n_kv, hd).transpose(1, 2))
+        return out[0], out[1]  # (B, n_kv_head, L, head_dim)
+
+    def advance(self, n: int) -> None:
+        """Lengths live in the scheduler's sequences; the layout is for one forward only."""
+        self._layout = None

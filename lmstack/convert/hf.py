@@ -6,7 +6,7 @@ MixtralForCausalLM and GPT2LMHeadModel. Tensors are read one at a time with `saf
 and assigned to a model built on the meta device, so peak memory is about one copy of the weights in
 the requested dtype, never a state dict plus a model.
 
-Name mapping (HF -> ours):
+Name mapping (HF -> ours; the tables `_NAME_TABLES` serve both directions):
   model.embed_tokens -> tok_emb          model.layers.N.input_layernorm -> layers.N.attn_norm
   self_attn.{q,k,v,o}_proj -> attn.*     model.layers.N.post_attention_layernorm -> layers.N.ffn_norm
   mlp.{gate,up,down}_proj -> ffn.*       model.norm -> norm, lm_head -> lm_head
@@ -222,59 +222,102 @@ class _LazyTensors:
             ) from None
 
 
-# GPT-2 names (without the "transformer." prefix) -> ours, both directions. c_attn holds q, k and v
-# fused; the loader splits it (see hf_state) and the exporter fuses them again.
+# --- tensor names: one table per architecture, used as is for export and inverted for import ------
+#
+# Our module name -> HF module name (".weight"/".bias" follow unchanged). Top-level modules by full
+# name; modules inside layer N by their path in the layer, "*" standing for an expert index. GPT-2's
+# c_attn holds q, k and v fused: the importer splits it (hf_state) and the exporter fuses it again.
+
+_LLAMA_TOP = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+_LLAMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    **{f"attn.{p}": f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{f"ffn.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+}
+_MIXTRAL_LAYER = {
+    **{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("ffn.")},
+    "ffn.router": "block_sparse_moe.gate",
+    "ffn.experts.*.gate_proj": "block_sparse_moe.experts.*.w1",
+    "ffn.experts.*.up_proj": "block_sparse_moe.experts.*.w3",
+    "ffn.experts.*.down_proj": "block_sparse_moe.experts.*.w2",
+}
 _GPT2_TOP = {
-    "wte.weight": "tok_emb.weight",
-    "wpe.weight": "pos_emb.weight",
-    "ln_f.weight": "norm.weight",
-    "ln_f.bias": "norm.bias",
+    "tok_emb": "transformer.wte",
+    "pos_emb": "transformer.wpe",
+    "norm": "transformer.ln_f",
+    "lm_head": "lm_head",
 }
 _GPT2_LAYER = {
-    "ln_1": "attn_norm",
-    "ln_2": "ffn_norm",
-    "attn.c_proj": "attn.o_proj",
-    "mlp.c_fc": "ffn.up_proj",
-    "mlp.c_proj": "ffn.down_proj",
+    "attn_norm": "ln_1",
+    "ffn_norm": "ln_2",
     "attn.c_attn": "attn.c_attn",
+    "attn.o_proj": "attn.c_proj",
+    "ffn.up_proj": "mlp.c_fc",
+    "ffn.down_proj": "mlp.c_proj",
 }
+# (top-level table, HF prefix of layer N, layer table) per architecture
+_NAME_TABLES: dict[str, tuple[dict[str, str], str, dict[str, str]]] = {
+    "LlamaForCausalLM": (_LLAMA_TOP, "model.layers", _LLAMA_LAYER),
+    "MistralForCausalLM": (_LLAMA_TOP, "model.layers", _LLAMA_LAYER),
+    "Qwen2ForCausalLM": (_LLAMA_TOP, "model.layers", _LLAMA_LAYER),
+    "MixtralForCausalLM": (_LLAMA_TOP, "model.layers", _MIXTRAL_LAYER),
+    "GPT2LMHeadModel": (_GPT2_TOP, "transformer.h", _GPT2_LAYER),
+}
+# HF spellings read on import only: transformers>=5 Mixtral checkpoints name the router `mlp.gate` and
+# store the experts fused, (E, 2*ff, d) gate_up and (E, d, ff) down, which hf_state splits per expert.
+_IMPORT_ALIASES = {
+    "MixtralForCausalLM": {
+        "mlp.gate": "ffn.router",
+        "mlp.experts.gate_up_proj": "ffn.experts.gate_up_proj",
+        "mlp.experts.down_proj": "ffn.experts.down_proj",
+    }
+}
+_PARAM_KINDS = ("weight", "bias")
 
 
-def _hf_to_ours(arch: str, cfg: ModelConfig, name: str) -> str | None:
-    """Map one HF tensor name to ours (None: not a parameter we keep)."""
-    if arch == "GPT2LMHeadModel":
-        if name == "lm_head.weight":
-            return name
-        name = name.removeprefix("transformer.")
-        if name in _GPT2_TOP:
-            return _GPT2_TOP[name]
-        m = re.fullmatch(r"h\.(\d+)\.(.+)", name)
-        if not m:
-            return None
-        i, rest = m.groups()
-        mod, _, kind = rest.rpartition(".")
-        return f"layers.{i}.{_GPT2_LAYER[mod]}.{kind}" if mod in _GPT2_LAYER else None
-    if name == "model.embed_tokens.weight":
-        return "tok_emb.weight"
-    if name in ("model.norm.weight", "lm_head.weight"):
-        return name.removeprefix("model.")
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+def _split_param(name: str) -> tuple[str, str]:
+    """`a.b.weight` -> (`a.b`, `.weight`); a name without a parameter kind is a module: (name, "")."""
+    module, _, kind = name.rpartition(".")
+    return (module, f".{kind}") if kind in _PARAM_KINDS else (name, "")
+
+
+def _as_template(path: str) -> tuple[str, str]:
+    """`ffn.experts.3.gate_proj` -> (`ffn.experts.*.gate_proj`, "3"); paths without an index unchanged."""
+    m = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", path)
+    return (f"{m[1]}.*.{m[3]}", m[2]) if m else (path, "")
+
+
+def hf_name(arch: str, ours: str) -> str:
+    """Our parameter or module name -> the HF name in an `arch` checkpoint."""
+    top, prefix, layer = _NAME_TABLES[arch]
+    module, kind = _split_param(ours)
+    if module in top:
+        return top[module] + kind
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
+    template, index = _as_template(m[2]) if m else ("", "")
+    if template not in layer:
+        raise LmstackError(f"parameter {ours!r} has no name in a {arch} checkpoint")
+    return f"{prefix}.{m[1]}.{layer[template].replace('*', index)}{kind}"
+
+
+def our_name(arch: str, hf: str) -> str | None:
+    """An HF parameter or module name in an `arch` checkpoint -> ours (None: not a parameter we keep)."""
+    top, prefix, layer = _NAME_TABLES[arch]
+    if arch == "GPT2LMHeadModel" and not hf.startswith(("transformer.", "lm_head.")):
+        hf = f"transformer.{hf}"  # OpenAI's original GPT-2 checkpoints store names without the prefix
+    module, kind = _split_param(hf)
+    from_top = {theirs: ours for ours, theirs in top.items()}
+    if module in from_top:
+        return from_top[module] + kind
+    m = re.fullmatch(re.escape(prefix) + r"\.(\d+)\.(.+)", module)
     if not m:
         return None
-    i, rest = m.groups()
-    rest = (
-        rest.replace("input_layernorm", "attn_norm")
-        .replace("post_attention_layernorm", "ffn_norm")
-        .replace("self_attn.", "attn.")
-        .replace("mlp.gate.weight", "ffn.router.weight")
-        .replace("block_sparse_moe.gate.", "ffn.router.")
-        .replace("block_sparse_moe.", "ffn.")
-        .replace("mlp.", "ffn.")
-    )
-    rest = re.sub(r"experts\.(\d+)\.w1\.", r"experts.\1.gate_proj.", rest)
-    rest = re.sub(r"experts\.(\d+)\.w3\.", r"experts.\1.up_proj.", rest)
-    rest = re.sub(r"experts\.(\d+)\.w2\.", r"experts.\1.down_proj.", rest)
-    return f"layers.{i}.{rest}"
+    from_layer = {theirs: ours for ours, theirs in layer.items()} | _IMPORT_ALIASES.get(arch, {})
+    template, index = _as_template(m[2])
+    if template not in from_layer:
+        return None
+    return f"layers.{m[1]}.{from_layer[template].replace('*', index)}{kind}"
 
 
 def hf_state(
@@ -286,7 +329,7 @@ def hf_state(
             continue  # causal-mask buffers in old GPT-2 checkpoints
         if "rotary_emb.inv_freq" in name:
             continue  # recomputed from rope_theta
-        ours = _hf_to_ours(arch, cfg, name)
+        ours = our_name(arch, name)
         if ours is None:
             raise LmstackError(
                 f"{tensors.files[name]}: tensor {name!r} has no place in a {arch} model; "
@@ -334,15 +377,15 @@ def load_hf_dir(
     model = empty_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
-    for hf_name, ours, t in hf_state(arch, cfg, tensors, dtype or torch.float32):
+    for theirs, ours, t in hf_state(arch, cfg, tensors, dtype or torch.float32):
         if ours not in expected:
             raise LmstackError(
-                f"{tensors.files[hf_name]}: tensor {hf_name!r} has no place in this {arch} config "
+                f"{tensors.files[theirs]}: tensor {theirs!r} has no place in this {arch} config "
                 f"(as {ours!r}); the checkpoint is not a supported variant of this architecture"
             )
         if tuple(t.shape) != expected[ours]:
             raise LmstackError(
-                f"{tensors.files[hf_name]}: tensor {hf_name!r} has shape {tuple(t.shape)} but config.json "
+                f"{tensors.files[theirs]}: tensor {theirs!r} has shape {tuple(t.shape)} but config.json "
                 f"implies {expected[ours]}; config.json and the weights do not belong together"
             )
         state[ours] = t
@@ -470,38 +513,6 @@ def hf_config_dict(cfg: ModelConfig, tokenizer: Tokenizer | None, dtype: torch.d
     return out
 
 
-def _ours_to_hf(arch: str, name: str) -> str:
-    if arch == "GPT2LMHeadModel":
-        if name == "lm_head.weight":
-            return name
-        top = {ours: hf for hf, ours in _GPT2_TOP.items()}
-        if name in top:
-            return f"transformer.{top[name]}"
-        i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-        mod, _, kind = rest.rpartition(".")
-        layer = {ours: hf for hf, ours in _GPT2_LAYER.items()}
-        return f"transformer.h.{i}.{layer[mod]}.{kind}"
-    if name == "tok_emb.weight":
-        return "model.embed_tokens.weight"
-    if name == "norm.weight":
-        return "model.norm.weight"
-    if name == "lm_head.weight":
-        return name
-    i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-    if arch == "MixtralForCausalLM" and rest.startswith("ffn."):
-        rest = rest.replace("ffn.router.", "block_sparse_moe.gate.").replace(
-            "ffn.experts.", "block_sparse_moe.experts."
-        )
-        rest = rest.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2")
-    rest = (
-        rest.replace("attn_norm", "input_layernorm")
-        .replace("ffn_norm", "post_attention_layernorm")
-        .replace("attn.", "self_attn.")
-        .replace("ffn.", "mlp.")
-    )
-    return f"model.layers.{i}.{rest}"
-
-
 def hf_export_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Our parameters under HF names (GPT-2: Conv1D layout, fused c_attn, zero biases when absent)."""
 
@@ -513,7 +524,7 @@ def hf_export_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
             w = state[f"layers.{i}.attn.o_proj.weight"]
             state[f"layers.{i}.attn.o_proj.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
     if arch != "GPT2LMHeadModel":
-        return {_ours_to_hf(arch, k): v for k, v in state.items()}
+        return {hf_name(arch, k): v for k, v in state.items()}
     for i in range(cfg.n_layer):
         p = f"layers.{i}"
         ws = [state.pop(f"{p}.attn.{x}_proj.weight") for x in "qkv"]
@@ -525,9 +536,8 @@ def hf_export_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
             w = state[f"{p}.{mod}.weight"]
             state.setdefault(f"{p}.{mod}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
     for name, t in state.items():
-        hf_name = _ours_to_hf(arch, name)
         is_conv1d = name.startswith("layers.") and t.dim() == 2
-        out[hf_name] = t.t().contiguous() if is_conv1d else t
+        out[hf_name(arch, name)] = t.t().contiguous() if is_conv1d else t
     return out
 
 

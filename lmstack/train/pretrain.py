@@ -21,9 +21,11 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -66,7 +68,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 def preflight(cfg: TrainConfig, resume: bool, world_size: int) -> None:
     """What a launcher checks before it starts `world_size` processes, so a bad run fails once, early."""
     data = _open_data(cfg)
-    check_data_fits(len(data["train"]), len(data["val"]), cfg.batch_size, cfg.seq_len, world_size, cfg.data)
+    check_data_fits(len(data.train), len(data.val), cfg.batch_size, cfg.seq_len, world_size, cfg.data)
     _checkpoint_to_resume(cfg, resume)
 
 
@@ -84,7 +86,22 @@ def _checkpoint_to_resume(cfg: TrainConfig, resume: bool) -> Path | None:
     return ckpt if resume else None
 
 
-def _open_data(cfg: TrainConfig) -> dict[str, Any]:
+@dataclass
+class PretrainData:
+    """A token-shard directory opened for training: its meta.json, both splits (memory-mapped), the tokenizer."""
+
+    meta: dict[str, Any]
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer_dir: Path | None  # None when the shards were written without a tokenizer copy
+
+    def val_bits_per_byte(self, loss: float) -> float:
+        """Mean loss (nats/token) over the val split -> bits per UTF-8 byte of its text (nan if unknown)."""
+        val = self.meta["splits"]["val"]
+        return loss * val["tokens"] / (math.log(2) * val["bytes"]) if val.get("bytes") else float("nan")
+
+
+def _open_data(cfg: TrainConfig) -> PretrainData:
     from lmstack.data.shards import load_meta, load_split
 
     if not cfg.data:
@@ -109,12 +126,12 @@ def _open_data(cfg: TrainConfig) -> dict[str, Any]:
             "lower seq_len or raise model.max_seq_len"
         )
     tok_dir = Path(cfg.data) / meta.get("tokenizer", "tokenizer")
-    return {
-        "meta": meta,
-        "train": load_split(cfg.data, "train"),
-        "val": load_split(cfg.data, "val"),
-        "tokenizer_dir": tok_dir if (tok_dir / "tokenizer.json").is_file() else None,
-    }
+    return PretrainData(
+        meta=meta,
+        train=load_split(cfg.data, "train"),
+        val=load_split(cfg.data, "val"),
+        tokenizer_dir=tok_dir if (tok_dir / "tokenizer.json").is_file() else None,
+    )
 
 
 def tune_cpu_allocator() -> None:
@@ -168,15 +185,63 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _LogWindow:
+    """The steps since the last log line: losses summed on the device (no host sync per step) and the
+    wall time they took. Evaluation and checkpoint time is not training time: `restart_clock` after them."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.aux: torch.Tensor | None = None
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, lm: torch.Tensor, aux: torch.Tensor | None) -> None:
+        self.loss += lm
+        if aux is not None:
+            self.aux = aux if self.aux is None else self.aux + aux
+        self.steps += 1
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.aux, self.steps = None, 0
+        self.restart_clock()
+
+
+@dataclass(frozen=True)
+class _StepBoundary:
+    """What happens after optimizer step `step`, agreed by every rank so all take the same collective
+    path (eval, save) here: `final` (max_steps reached), a stop signal, or the time budget spent."""
+
+    step: int
+    final: bool
+    interrupted: bool
+    timed_out: bool
+
+    @property
+    def ends_run(self) -> bool:
+        return self.final or self.interrupted or self.timed_out
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, data: dict[str, Any], resume_from: Path | None):
-        from lmstack.model.transformer import Transformer
+    """The pretraining engine: one model, its optimizer and data, stepped from `step` to `cfg.max_steps`.
+
+    `run()` trains, logging every `log_every` steps, evaluating (and sampling) every `eval_every`,
+    saving every `save_every` and at the end, and stopping cleanly on a signal or the time budget.
+    The same object runs under torchrun (DDP or FSDP2 through `ctx`). Subclasses (fine-tuning) replace
+    the hooks `check_data`, `build_model`, `build_batches`, `forward_micro`, `evaluate`, `sample` and
+    `save`; the step and the loop stay one.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, data: PretrainData, resume_from: Path | None):
         from lmstack.track import RunTracker, measure_peak_flops
 
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.out = Path(cfg.out)
         self.device = ctx.device
-        check_data_fits(len(data["train"]), len(data["val"]), cfg.batch_size, cfg.seq_len, ctx.world_size, cfg.data)
+        self.check_data()
         self.global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
         self.tokens_per_step = self.global_batch * cfg.seq_len
         state: dict[str, Any] = {}
@@ -192,10 +257,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = cfg.tf32
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = Transformer(cfg.model)
-        if resume_from is not None:
-            ckpt_io.load_model_weights(model, resume_from)
-        self.model = wrap_model(model.to(self.device), ctx, cfg.parallel)
+        self.model = wrap_model(self.build_model(resume_from).to(self.device), ctx, cfg.parallel)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
@@ -212,9 +274,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
-        self.batches = TrainBatches(
-            data["train"], cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.seed, ctx.rank, ctx.world_size
-        )
+        self.batches = self.build_batches()
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
         self.peak_flops = measure_peak_flops(self.device, self.amp_dtype)
         self.tracker = RunTracker(
@@ -229,6 +289,31 @@ class Trainer:
             print(self._describe(), file=sys.stderr)
         if ctx.is_main and resume_from is not None:
             print(f"[train] resuming {resume_from} at step {self.step}", file=sys.stderr)
+
+    # -- what subclasses (SFT) replace: the data, the model, one micro-batch's forward ----------------
+    def check_data(self) -> None:
+        cfg, data = self.cfg, self.data
+        check_data_fits(len(data.train), len(data.val), cfg.batch_size, cfg.seq_len, self.ctx.world_size, cfg.data)
+
+    def build_model(self, resume_from: Path | None) -> torch.nn.Module:
+        from lmstack.model.transformer import Transformer
+
+        model = Transformer(self.cfg.model)
+        if resume_from is not None:
+            ckpt_io.load_model_weights(model, resume_from)
+        return model
+
+    def build_batches(self) -> Any:
+        cfg, ctx = self.cfg, self.ctx
+        return TrainBatches(
+            self.data.train, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.seed, ctx.rank, ctx.world_size
+        )
+
+    def forward_micro(self, step: int, micro: int) -> Any:
+        """The model output (with .loss, .lm_loss, .aux_loss) for micro-batch `micro` of optimizer step `step`."""
+        x, y = self.batches.get(step, micro)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.model(x, y, label_smoothing=self.cfg.label_smoothing)
 
     def _describe(self) -> str:
         """One line saying what is about to train: size, cost per token, batch, where and how."""
@@ -251,11 +336,9 @@ class Trainer:
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = None
         for micro in range(cfg.grad_accum):
-            x, y = self.batches.get(self.step, micro)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with grad_sync(model, self.ctx, cfg.parallel, micro == cfg.grad_accum - 1):
                 with self.autocast:
-                    out = model(x, y, label_smoothing=cfg.label_smoothing)
+                    out = self.forward_micro(self.step, micro)
                 self.scaler.scale(out.loss / cfg.grad_accum).backward()
             lm_sum += out.lm_loss.detach()
             if out.aux_loss is not None:
@@ -280,9 +363,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        for x, y in val_batches(
-            self.data["val"], cfg.batch_size, cfg.seq_len, cfg.eval_batches, ctx.rank, ctx.world_size
-        ):
+        for x, y in val_batches(self.data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches, ctx.rank, ctx.world_size):
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast:
                 out = self.model(x, y)
@@ -291,13 +372,11 @@ class Trainer:
         self.model.train()
         total_sum, count_sum = all_reduce_sum([float(total), float(count)], ctx)
         loss = total_sum / count_sum
-        val = self.data["meta"]["splits"]["val"]
-        bpb = loss * val["tokens"] / (math.log(2) * val["bytes"]) if val.get("bytes") else float("nan")
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": self.data.val_bits_per_byte(loss)}
 
     def sample(self) -> tuple[str, str] | None:
         """A continuation of `sample_prompt` (or of a document start) from the current weights."""
-        if self.data["tokenizer_dir"] is None:
+        if self.data.tokenizer_dir is None:
             return None
         if self.ctx.enabled and self.cfg.parallel == "fsdp":
             collective = True  # sharded weights: every rank runs the same forwards, rank 0 prints
@@ -308,7 +387,7 @@ class Trainer:
         from lmstack.engine.generate import SamplingParams, generate_tokens
         from lmstack.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(self.data["tokenizer_dir"])
+        tokenizer = Tokenizer.load(self.data.tokenizer_dir)
         prompt = self.cfg.sample_prompt
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
         model = unwrap(self.model)
@@ -340,11 +419,10 @@ class Trainer:
             "last": self.last,
             "config": to_dict(self.cfg),
         }
-        return ckpt_io.save_checkpoint(
-            self.out, self.model, self.optimizer, state, self.ctx, self.data["tokenizer_dir"]
-        )
+        return ckpt_io.save_checkpoint(self.out, self.model, self.optimizer, state, self.ctx, self.data.tokenizer_dir)
 
     def run(self) -> dict[str, Any]:
+        """Train to `cfg.max_steps` (or a stop); returns the summary `pretrain` documents."""
         cfg, ctx = self.cfg, self.ctx
         self.started = time.time()
         bar = tqdm(
@@ -356,75 +434,25 @@ class Trainer:
             disable=None if ctx.is_main else True,
             dynamic_ncols=True,
         )
-        window_start, window_steps = time.perf_counter(), 0
-        window_loss = torch.zeros((), device=self.device)
-        window_aux = None
+        window = _LogWindow(self.device)
         stopped = "max_steps"
         self.model.train()
         try:
             with _StopFlag() as stop:
                 while self.step < cfg.max_steps:
                     lm, aux, grad_norm = self.train_step()
-                    window_loss += lm
-                    if aux is not None:
-                        window_aux = aux if window_aux is None else window_aux + aux
-                    window_steps += 1
+                    window.add(lm, aux)
                     bar.update(1)
-                    step, final = self.step, self.step >= cfg.max_steps
-                    # Stop requests (a signal, the time budget) are decided jointly so all ranks
-                    # take the same collective path (eval, save) at this step boundary.
-                    time_up = cfg.max_minutes > 0 and time.time() - self.started >= 60 * cfg.max_minutes
-                    flags = [float(stop.signal is not None), float(time_up)]
-                    interrupted, timed_out = (v > 0 for v in all_reduce_sum(flags, ctx))
-                    interrupted, timed_out = interrupted and not final, timed_out and not final
-                    if _every(step, cfg.log_every) or final or interrupted or timed_out:
-                        elapsed = time.perf_counter() - window_start
-                        stats = all_reduce_sum([float(window_loss) / window_steps], ctx)
-                        loss = stats[0] / ctx.world_size
-                        tps = window_steps * self.tokens_per_step / elapsed
-                        record = {
-                            "step": step,
-                            "tokens": step * self.tokens_per_step,
-                            "lr": lr_at(step - 1, cfg),
-                            "loss": loss,
-                            "grad_norm": float(grad_norm),
-                            "tokens_per_s": tps,
-                            "mfu": tps * self.flops_per_token / (self.peak_flops * ctx.world_size),
-                        }
-                        if window_aux is not None:
-                            record["aux_loss"] = float(window_aux) / window_steps
-                            record["expert_load"] = self.expert_load()
-                        self.tracker.log(record)
-                        self.last.update({k: record[k] for k in ("loss", "tokens_per_s", "mfu")})
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%")
-                        window_loss.zero_()
-                        window_aux, window_steps = None, 0
-                        window_start = time.perf_counter()
-                    do_eval = _every(step, cfg.eval_every) or final or (timed_out and not interrupted)
-                    want_sample = _every(step, cfg.sample_every)
-                    if do_eval or want_sample:
-                        self._eval_and_sample(step, bar, do_eval=do_eval)
-                        window_start = time.perf_counter()
-                    if _every(step, cfg.save_every) or final or interrupted or timed_out:
-                        self.save()
-                        window_start = time.perf_counter()
-                    if interrupted:
+                    at = self._step_boundary(stop)
+                    self._after_step(at, window, grad_norm, bar)
+                    if at.interrupted:
                         raise KeyboardInterrupt
-                    if timed_out:
+                    if at.timed_out:
                         stopped = "max_minutes"
                         break
         except KeyboardInterrupt:
             bar.close()
-            if ctx.is_main:
-                # After the first signal the checkpoint is this step; after a second (abort) it is the
-                # last one saved, since a half-done step is not a state worth resuming from.
-                saved = ckpt_io.checkpoint_dir(self.out)
-                at = ckpt_io.read_trainer_state(saved)["step"] if saved else None
-                print(
-                    f"[train] interrupted at step {self.step}; "
-                    + (f"checkpoint of step {at} in {saved} (continue with --resume)" if saved else "no checkpoint"),
-                    file=sys.stderr,
-                )
+            self._report_interrupt()
             self.tracker.close(self._summary("interrupted"))
             raise
         bar.close()
@@ -440,6 +468,65 @@ class Trainer:
                 file=sys.stderr,
             )
         return summary
+
+    def _step_boundary(self, stop: _StopFlag) -> _StepBoundary:
+        """The stop decision after a step: a signal or the time budget counts when any rank saw it
+        (all-reduced), and neither counts on the final step, which ends the run anyway."""
+        cfg = self.cfg
+        final = self.step >= cfg.max_steps
+        time_up = cfg.max_minutes > 0 and time.time() - self.started >= 60 * cfg.max_minutes
+        flags = [float(stop.signal is not None), float(time_up)]
+        interrupted, timed_out = (v > 0 for v in all_reduce_sum(flags, self.ctx))
+        return _StepBoundary(self.step, final, interrupted and not final, timed_out and not final)
+
+    def _after_step(self, at: _StepBoundary, window: _LogWindow, grad_norm: torch.Tensor, bar: tqdm) -> None:
+        """Log, evaluate/sample and save as the schedule (and a stop) asks, in that order."""
+        cfg = self.cfg
+        if _every(at.step, cfg.log_every) or at.ends_run:
+            self._log_window(at.step, window, grad_norm, bar)
+        do_eval = _every(at.step, cfg.eval_every) or at.final or (at.timed_out and not at.interrupted)
+        if do_eval or _every(at.step, cfg.sample_every):
+            self._eval_and_sample(at.step, bar, do_eval=do_eval)
+            window.restart_clock()
+        if _every(at.step, cfg.save_every) or at.ends_run:
+            self.save()
+            window.restart_clock()
+
+    def _log_window(self, step: int, window: _LogWindow, grad_norm: torch.Tensor, bar: tqdm) -> None:
+        """One metrics line for the window's steps (mean loss over ranks, throughput, MFU), then reset it."""
+        cfg, ctx = self.cfg, self.ctx
+        elapsed = time.perf_counter() - window.start
+        loss = all_reduce_sum([float(window.loss) / window.steps], ctx)[0] / ctx.world_size
+        tps = window.steps * self.tokens_per_step / elapsed
+        record = {
+            "step": step,
+            "tokens": step * self.tokens_per_step,
+            "lr": lr_at(step - 1, cfg),
+            "loss": loss,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / (self.peak_flops * ctx.world_size),
+        }
+        if window.aux is not None:
+            record["aux_loss"] = float(window.aux) / window.steps
+            record["expert_load"] = self.expert_load()
+        self.tracker.log(record)
+        self.last.update({k: record[k] for k in ("loss", "tokens_per_s", "mfu")})
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%")
+        window.reset()
+
+    def _report_interrupt(self) -> None:
+        if not self.ctx.is_main:
+            return
+        # After the first signal the checkpoint is this step; after a second (abort) it is the last one
+        # saved, since a half-done step is not a state worth resuming from.
+        saved = ckpt_io.checkpoint_dir(self.out)
+        at = ckpt_io.read_trainer_state(saved)["step"] if saved else None
+        print(
+            f"[train] interrupted at step {self.step}; "
+            + (f"checkpoint of step {at} in {saved} (continue with --resume)" if saved else "no checkpoint"),
+            file=sys.stderr,
+        )
 
     def _eval_and_sample(self, step: int, bar, do_eval: bool) -> None:
         record: dict[str, Any] = {"step": step, "tokens": step * self.tokens_per_step}

@@ -4,7 +4,7 @@ Modules with the Seam-1 linear contract (docs/architecture.md, docs/compression.
   lmstack.compress.int8.Int8Linear  int8, per output channel or per group (GGUF Q8_0)
       .from_float(linear, group_size=None) | .from_quantized(qweight_int, scales, bias)
   lmstack.compress.int4.Int4Linear  int4 group-wise, symmetric (Q4_0) or asymmetric (Q4_1)
-      .from_float(linear, group_size=128, symmetric=True) | .from_codes(codes, scales, zeros, bias)
+      .from_float(linear, group_size=32, symmetric=True) | .from_codes(codes, scales, zeros, bias)
   lmstack.compress.nf4.NF4Linear    NF4 with double-quantized block absmax (QLoRA's base layer)
       .from_float(linear, block_size=64, absmax_group=256)
 All share `lmstack.compress.base.QuantizedLinear`: in_features, out_features, bias, forward,

@@ -1,0 +1,115 @@
+// Python binding: checks, scratch buffers, run-time ISA choice and threading (at::parallel_for, which
+// is torch's own OpenMP pool, so the kernels never start a second thread pool).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "qkernels.h"
+
+namespace {
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool isa_supported(int64_t isa) {
+  if (isa == kScalar) return true;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == kAvx2) return avx2;
+  if (isa == kAvx512) {
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }
+#endif
+  return false;
+}
+
+std::vector<int64_t> supported_isas() {
+  std::vector<int64_t> out;
+  for (int64_t isa : {kScalar, kAvx2, kAvx512}) {
+    if (isa_supported(isa)) out.push_back(isa);
+  }
+  return out;
+}
+
+using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int8_t*, float*, float*);
+using GemmFn = void (*)(const lmq::QGemm&, int64_t, int64_t, int64_t, int64_t);
+
+void pick(int64_t isa, QuantizeFn* quantize, GemmFn* gemm) {
+  TORCH_CHECK(isa_supported(isa), "lmstack kernels: instruction set ", isa, " is not supported by this CPU");
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == kAvx512) {
+    *quantize = lmq::quantize_rows_avx512;
+    *gemm = lmq::qgemm_rows_avx512;
+    return;
+  }
+  if (isa == kAvx2) {
+    *quantize = lmq::quantize_rows_avx2;
+    *gemm = lmq::qgemm_rows_avx2;
+    return;
+  }
+#endif
+  *quantize = lmq::quantize_rows_scalar;
+  *gemm = lmq::qgemm_rows_scalar;
+}
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
+                      int64_t bits, int64_t group, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 32 == 0 && group % 32 == 0 && K % group == 0, "K and the group size must be multiples of 32");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (bits == 8 ? K : K / 2), "packed weight shape");
+  TORCH_CHECK(w.element_size() == 1, "packed weight must be int8/uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == N * (K / group),
+              "scales must be contiguous fp16 (N, K / group)");
+  const uint16_t* mins_ptr = nullptr;
+  if (mins.has_value()) {
+    TORCH_CHECK(bits == 4 && mins->scalar_type() == torch::kHalf && mins->is_contiguous() &&
+                    mins->numel() == scales.numel(),
+                "mins must be contiguous fp16 like scales (int4 only)");
+    mins_ptr = reinterpret_cast<const uint16_t*>(mins->data_ptr());
+  }
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias must be contiguous fp32 (N)");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  QuantizeFn quantize;
+  GemmFn gemm;
+  pick(isa, &quantize, &gemm);
+
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto xd = torch::empty({M, K / 32}, x.options());
+  auto xg = torch::empty({M, K / group}, x.options());
+  auto y = torch::empty({M, N}, x.options());
+  const float* x_ptr = x.data_ptr<float>();
+  int8_t* xq_ptr = xq.data_ptr<int8_t>();
+  float* xd_ptr = xd.data_ptr<float>();
+  float* xg_ptr = xg.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    quantize(x_ptr, K, group, begin, end, xq_ptr, xd_ptr, xg_ptr);
+  });
+
+  lmq::QGemm a{xq_ptr, xd_ptr, xg_ptr, M, K, N, reinterpret_cast<const uint8_t*>(w.data_ptr()),
+               reinterpret_cast<const uint16_t*>(scales.data_ptr()), mins_ptr, bias_ptr, y.data_ptr<float>(),
+               static_cast<int>(bits), static_cast<int>(group)};
+  // Activation tiles of 64 rows keep their int8 copy (64 x K bytes) in L2 while every weight row streams by.
+  constexpr int64_t kRowTile = 64;
+  for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+    const int64_t m1 = std::min(M, m0 + kRowTile);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { gemm(a, begin, end, m0, m1); });
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lmstack fused dequantize-GEMV/GEMM kernels for int8 and int4 packed weights";
+  m.def("qlinear", &qlinear, "y = x @ dequant(W).T + bias with activations quantized per 32 (Q8_0 style)");
+  m.def("supported_isas", &supported_isas, "instruction sets this CPU runs: 0 scalar, 1 avx2, 2 avx512-vnni");
+}

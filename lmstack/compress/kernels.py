@@ -1,0 +1,166 @@
+"""Fused dequantize-GEMV/GEMM kernels for Int8Linear / Int4Linear (and the GGUF Q8_0/Q4_0/Q4_1 they load).
+
+The C++ sources in `csrc/` are built just in time by `torch.utils.cpp_extension.load` the first time a
+quantized layer runs on the CPU (~1 minute once; cached under ~/.cache/lmstack/kernels, keyed by a hash
+of the sources and the torch version). What they compute, for y = x @ W^T + bias:
+
+  1. activations are quantized per 32 values like llama.cpp's Q8_0 (d = absmax / 127, q = round(x / d));
+  2. each packed weight row is read once, front to back, and every 32-column block becomes one integer
+     dot product (int8 x int8, or 4-bit code x int8), scaled by weight scale x activation scale;
+  3. the same kernel serves batch 1 (decode) and batch M (prefill, batched decode): a weight block is
+     unpacked once and dotted with up to 4 activation rows.
+
+Instruction sets are chosen at run time: AVX-512 VNNI (vpdpbusd) where the CPU has it, else AVX2+FMA+F16C,
+else portable scalar C++. `LMSTACK_KERNELS=auto|avx512|avx2|scalar|torch` forces one (tests run every
+path the CPU has); `torch` (or a machine without a C++ compiler) runs the plain PyTorch path: dequantize,
+then `F.linear`, correct but slow. `reference_qlinear` is the pure-PyTorch statement of the kernels'
+arithmetic that the tests compare them with.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lmstack.errors import LmstackError
+
+ENV = "LMSTACK_KERNELS"
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("qkernels_bind.cpp", "qkernels_scalar.cpp", "qkernels_avx2.cpp", "qkernels_avx512.cpp")
+BLOCK = 32
+
+
+def _cache_dir(digest: str) -> Path:
+    root = os.environ.get("LMSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "lmstack" / "kernels"
+    return Path(root) / digest
+
+
+@functools.cache
+def extension():
+    """The compiled kernel module, or None (with one warning) where it cannot be built."""
+    from torch.utils import cpp_extension
+
+    files = [CSRC / name for name in SOURCES]
+    digest = hashlib.sha256()
+    for path in [*files, CSRC / "qkernels.h", CSRC / "qkernels_x86.inc"]:
+        digest.update(path.read_bytes())
+    digest.update(torch.__version__.encode())
+    key = digest.hexdigest()[:16]
+    build = _cache_dir(key)
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=f"lmstack_qkernels_{key}",
+            sources=[str(f) for f in files],
+            extra_cflags=["-O3", "-fno-math-errno"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError, Exception) as exc:  # noqa: BLE001 - any build failure falls back
+        warnings.warn(
+            f"lmstack: the quantized CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
+            "quantized layers run through plain PyTorch instead (correct, much slower). Install a C++ compiler "
+            "(g++ or clang) and ninja for the fast path.",
+            stacklevel=2,
+        )
+        return None
+
+
+def available_isas() -> list[str]:
+    """Instruction-set paths this CPU can run, slowest first ([] when the kernels are not built)."""
+    ext = extension()
+    if ext is None:
+        return []
+    codes = set(ext.supported_isas())
+    return [name for name, code in ISAS.items() if code in codes]
+
+
+@functools.cache
+def _isa_from_env(value: str) -> int | None:
+    if value == "torch":
+        return None
+    available = available_isas()
+    if value == "auto":
+        return ISAS[available[-1]] if available else None
+    if value not in ISAS:
+        raise LmstackError(f"{ENV}={value!r} is not a kernel choice; use auto, avx512, avx2, scalar or torch")
+    if value not in available:
+        raise LmstackError(f"{ENV}={value}: this CPU (or build) runs only {available or 'the torch path'}")
+    return ISAS[value]
+
+
+def selected_isa() -> int | None:
+    """The ISA code the kernels use now, or None for the plain PyTorch path."""
+    return _isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto")
+
+
+def usable(x: torch.Tensor, in_features: int, group_size: int) -> bool:
+    """Whether the fused kernel can run this call (CPU, no autograd through it, block-aligned shapes)."""
+    return (
+        x.device.type == "cpu"
+        and in_features % BLOCK == 0
+        and group_size % BLOCK == 0
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and selected_isa() is not None
+    )
+
+
+def qlinear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+    isa: int | None = None,
+) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ dequant(W)^T + bias through the fused kernel, in x's dtype."""
+    ext = extension()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    y = ext.qlinear(x2, qweight, scales, mins, bias, bits, group_size, selected_isa() if isa is None else isa)
+    y = y.view(*lead, y.shape[-1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (q int codes as float64, d per 32-block) exactly as the kernels do it."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(dim=-1) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None])
+    return q.double(), d.double()
+
+
+def reference_qlinear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bits: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The kernels' arithmetic in pure PyTorch (float64 sums): codes (N, K) as stored integers
+    (int8 weights, or 4-bit codes 0..15), scales/mins (N, K / group). Returns (M, N) float64."""
+    xq, xd = quantize_activations(x)  # (M, nb, 32), (M, nb)
+    n_out, k = codes.shape
+    group = k // scales.shape[1]
+    w = codes.double().view(n_out, -1, BLOCK)  # (N, nb, 32)
+    block_scale = scales.double().repeat_interleave(group // BLOCK, dim=1)  # (N, nb)
+    isum = torch.einsum("mbj,nbj->mnb", xq, w)
+    y = torch.einsum("mnb,mb,nb->mn", isum, xd, block_scale)
+    if bits == 4:
+        block_min = -8 * block_scale if mins is None else mins.double().repeat_interleave(group // BLOCK, dim=1)
+        y = y + torch.einsum("mb,nb->mn", xd * xq.sum(-1), block_min)
+    return y if bias is None else y + bias.double()

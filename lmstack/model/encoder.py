@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.config import ModelConfig, build_dataclass
+from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError, require
 from lmstack.model.transformer import Attention, FeedForward
+from lmstack.utils.config_loader import build_dataclass
 from lmstack.utils.io import atomic_path, atomic_write_text
 
 ENCODER_FORMAT = "lmstack-encoder"

@@ -11,6 +11,44 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# In CI a skip is a failure (a missing test dependency must never hide a parity test), except for
+# tests marked `gpu`: no CI machine has a CUDA device.
+SKIPS_FAIL = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def _fail_skip(report, what: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{what} was skipped under CI=true ({reason}); install what it needs (pip install -e '.[dev]')"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if SKIPS_FAIL and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu") is None:
+        _fail_skip(report, item.nodeid)
+
+
+_SKIPPED_MODULES: list[str] = []
+
+
+def pytest_collectreport(report):
+    """A whole module skipped at import (`pytest.skip(allow_module_level=True)`, `importorskip`)."""
+    if SKIPS_FAIL and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED_MODULES.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _SKIPPED_MODULES:
+        terminalreporter.write_line(f"FAILED (module skipped under CI=true) {line}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The rest of the suite still runs; the run as a whole fails.
+    if _SKIPPED_MODULES and exitstatus == 0:
+        session.exitstatus = 1
+
 
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):

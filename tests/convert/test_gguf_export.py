@@ -16,8 +16,6 @@ from lmstack.convert.gguf_tokenizer import gguf_pre_name
 from lmstack.model.transformer import KVCache, Transformer
 from lmstack.tokenizer import Tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Numbers 1234567 and 3.14159, dates 2024-05-01.",
@@ -37,6 +35,12 @@ CASES = {
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir) -> Tokenizer:
     return Tokenizer.load(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python, for the tests that run our exports in llama.cpp (the others need only lmstack)."""
+    return pytest.importorskip("llama_cpp")
 
 
 def _model(preset: str, overrides: dict, vocab: int = 1024) -> Transformer:
@@ -75,7 +79,7 @@ def test_our_tokenizer_maps_to_smaug_bpe(tokenizer):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_runs_in_llama_cpp_with_same_greedy_tokens(case, tokenizer, tmp_path):
+def test_export_runs_in_llama_cpp_with_same_greedy_tokens(case, tokenizer, llama_cpp, tmp_path):
     model = _model(*CASES[case])
     path = save_gguf(model, tokenizer, tmp_path / f"{case}.gguf", dtype="f32")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
@@ -84,13 +88,16 @@ def test_export_runs_in_llama_cpp_with_same_greedy_tokens(case, tokenizer, tmp_p
     assert _llama_cpp_greedy(llm, prompt, 16) == _greedy(model, prompt, 16)
 
 
-def test_llama_cpp_tokenizes_like_us(tokenizer, tmp_path):
+def test_llama_cpp_tokenizes_like_us(tokenizer, llama_cpp, tmp_path):
     path = save_gguf(_model("tiny", {}), tokenizer, tmp_path / "tok.gguf", dtype="f32")
     vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in TEXTS:
         theirs = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         assert theirs == tokenizer.encode(text), text
-    # and our GGUF tokenizer importer rebuilds an identical tokenizer
+
+
+def test_gguf_tokenizer_reimports_identically(tokenizer, tmp_path):
+    path = save_gguf(_model("tiny", {}), tokenizer, tmp_path / "tok.gguf", dtype="f32")
     _, back = load_gguf(path)
     for text in TEXTS:
         assert back.encode(text) == tokenizer.encode(text)
@@ -113,23 +120,61 @@ def test_f32_export_reimports_exactly(case, tokenizer, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("dtype,tol", [("f16", 2e-2), ("q8_0", 2e-1)])
-def test_f16_and_q8_0_exports(dtype, tol, tokenizer, tmp_path):
+def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+# Relative L2 error of the logits against the original fp32 model, about 1.5x what was measured
+# (f16: 0.09% lmstack, 0.13% llama.cpp; q8_0: 2.2% lmstack, 3.2% llama.cpp, which also rounds the
+# activations to 8 bits in its q8_0 matmuls).
+LOGIT_TOLERANCE = {"f16": (2e-3, 2e-3), "q8_0": (3.5e-2, 5e-2)}  # (lmstack reimport, llama.cpp)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_f16_and_q8_0_exports_stay_close_to_the_original(dtype, tokenizer, tmp_path):
     model = _model("tiny", {})
     path = save_gguf(model, tokenizer, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
     types = {t.type_name for t in read_gguf(path).tensors.values()}
     assert types == {"F32", dtype.upper()}  # norms stay F32
     back, _ = load_gguf(path)
+    original, restored = model.state_dict(), back.state_dict()
+    for name, weight in original.items():
+        if weight.dim() < 2:
+            assert torch.equal(restored[name], weight), name
+        elif dtype == "f16":
+            assert torch.equal(restored[name], weight.half().float()), name
+        else:  # q8_0: blocks of 32 share a scale absmax/127, stored in fp16 (rounding adds <= 127 * 2^-11 steps)
+            blocks = weight.reshape(-1, 32)
+            step = blocks.abs().amax(dim=1, keepdim=True) / 127
+            error = (restored[name].reshape(-1, 32) - blocks).abs()
+            assert (error <= 0.57 * step + 1e-9).all(), (name, (error / step).max().item())
     ids = torch.tensor([tokenizer.encode(TEXTS[0])])
     with torch.no_grad():
-        ref = model(ids).logits
-        assert (back(ids).logits - ref).abs().max().item() <= tol * ref.abs().max().item()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
-    prompt = ids[0].tolist()
+        reference = model(ids).logits[0]
+        error = _relative_error(back(ids).logits[0], reference)
+    assert error <= LOGIT_TOLERANCE[dtype][0], error
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_f16_and_q8_0_exports_in_llama_cpp(dtype, tokenizer, llama_cpp, tmp_path):
+    import numpy as np
+
+    model = _model("tiny", {})
+    path = save_gguf(model, tokenizer, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
+    prompt = tokenizer.encode(TEXTS[0])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt])).logits[0]
+    error = _relative_error(theirs, reference)
+    assert error <= LOGIT_TOLERANCE[dtype][1], error
+    back, _ = load_gguf(path)
+    llm.reset()
     assert _llama_cpp_greedy(llm, prompt, 8) == _greedy(back, prompt, 8)
 
 
-def test_model_vocab_larger_than_tokenizer_is_padded(tokenizer, tmp_path):
+def test_model_vocab_larger_than_tokenizer_is_padded(tokenizer, llama_cpp, tmp_path):
     model = _model("tiny", {}, vocab=1100)
     path = save_gguf(model, tokenizer, tmp_path / "pad.gguf", dtype="f32")
     meta = read_gguf(path).metadata

@@ -183,7 +183,8 @@ def test_bf16_export_writes_bf16(tmp_path):
     model = Transformer(model_config("tiny", vocab_size=256, n_layer=1)).to(torch.bfloat16)
     save_hf_dir(model, None, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.bfloat16}
+        dtypes = {f.get_tensor(name).dtype for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {torch.bfloat16}
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 

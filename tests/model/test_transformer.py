@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,15 +72,48 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.testing.assert_close(mha(idx).logits, gqa(idx).logits, atol=1e-5, rtol=1e-5)
 
 
+def _loss_by_hand(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over non-ignored positions of (1 - e) * NLL(target) + e * mean over the vocabulary of -log p."""
+    log_p = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
+    keep = targets != -100
+    nll = -log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T)
+    uniform = -log_p.mean(dim=-1)
+    per_position = (1 - smoothing) * nll + smoothing * uniform
+    return per_position[keep].sum() / keep.sum()
+
+
 def test_loss_and_label_smoothing():
     model = tiny()
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     out = model(idx, targets)
-    assert abs(out.loss.item() - torch.log(torch.tensor(512.0)).item()) < 0.5  # near-uniform at init
+    assert abs(out.loss.item() - math.log(512)) < 0.5  # near-uniform at init
+    assert out.loss.item() == pytest.approx(_loss_by_hand(out.logits, targets).item(), rel=1e-6)
     smoothed = model(idx, targets, label_smoothing=0.1).loss
+    assert smoothed.item() == pytest.approx(_loss_by_hand(out.logits, targets, 0.1).item(), rel=1e-6)
     assert not torch.isclose(smoothed, out.loss)
-    targets[:, :8] = -100  # ignored positions do not count
-    assert torch.isfinite(model(idx, targets).loss)
+
+
+def test_ignored_positions_do_not_count():
+    model = tiny()
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    targets[0, :8] = -100
+    targets[1, 3] = -100
+    logits = model(idx).logits
+    expected = _loss_by_hand(logits, targets)
+    # The same mean taken over the kept positions only, by listing them: no -100 leaks into it.
+    kept = torch.cat([logits[0, 8:], logits[1, :3], logits[1, 4:]])
+    kept_targets = torch.cat([targets[0, 8:], targets[1, :3], targets[1, 4:]])
+    listed = torch.nn.functional.cross_entropy(kept.double(), kept_targets)
+    assert expected.item() == pytest.approx(listed.item(), rel=1e-9)
+    assert model(idx, targets).loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for smoothing in (0.1, 0.3):
+        ours = model(idx, targets, label_smoothing=smoothing).loss.item()
+        assert ours == pytest.approx(_loss_by_hand(logits, targets, smoothing).item(), rel=1e-6)
+    # Had the ignored positions counted (as token 0, say), the loss would be another number.
+    counted = targets.masked_fill(targets == -100, 0)
+    assert model(idx, counted).loss.item() != pytest.approx(expected.item(), rel=1e-3)
+    all_ignored = torch.full_like(targets, -100)
+    assert torch.isnan(model(idx, all_ignored).loss)  # nothing to average: NaN, never a silent 0
 
 
 def test_gpt2_context_overflow_is_a_clear_error():

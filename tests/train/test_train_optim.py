@@ -101,10 +101,36 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, token_data_dir):
     assert losses[-1] < losses[0]
 
 
-def test_grad_clip_bounds_the_update(tmp_path, token_data_dir):
-    """With a tiny clip norm the logged (pre-clip) norm is large but training still runs and logs it."""
+def _norms_seen_by_the_optimizer(tmp_path, data, grad_clip: float) -> tuple[list[float], list[float]]:
+    """(gradient norm the optimizer steps on, pre-clip norm the trainer logs) for each of 2 steps."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from lmstack.train.pretrain import pretrain
 
-    pretrain(_cfg(tmp_path, token_data_dir, "grad_clip=1e-3", "max_steps=2"))
+    stepped: list[float] = []
+
+    def record(optimizer, args, kwargs) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        pretrain(_cfg(tmp_path, data, f"grad_clip={grad_clip}", "max_steps=2"))
+    finally:
+        handle.remove()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["grad_norm"] > 1e-3 for r in records if "grad_norm" in r)
+    return stepped, [r["grad_norm"] for r in records if "grad_norm" in r]
+
+
+def test_grad_clip_bounds_the_update(tmp_path, token_data_dir):
+    """The optimizer steps on gradients of norm <= grad_clip; the log keeps the (larger) pre-clip norm."""
+    stepped, logged = _norms_seen_by_the_optimizer(tmp_path, token_data_dir, grad_clip=1e-3)
+    assert len(stepped) == len(logged) == 2
+    assert all(norm <= 1e-3 * (1 + 1e-5) for norm in stepped), stepped
+    assert all(norm > 1e-2 for norm in logged), logged
+
+
+def test_grad_below_the_clip_is_untouched(tmp_path, token_data_dir):
+    stepped, logged = _norms_seen_by_the_optimizer(tmp_path, token_data_dir, grad_clip=1e6)
+    assert len(stepped) == len(logged) == 2
+    assert stepped == pytest.approx(logged, rel=1e-5)

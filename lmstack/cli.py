@@ -102,16 +102,43 @@ def _merge(args: argparse.Namespace) -> None:
     merge_to_dir(args.model, args.out, dtype=args.dtype)
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from lmstack.engine.generate import generate_cli
+def _sampling_params(args: argparse.Namespace):
+    from lmstack.engine.sampling import SamplingParams
 
-    generate_cli(args)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=list(getattr(args, "stop", None) or []),
+        ignore_eos=getattr(args, "ignore_eos", False),
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Only generated text goes to stdout; everything else to stderr."""
+    from lmstack.engine.generate import load_for_inference, stream_text
+
+    params = _sampling_params(args)  # bad values fail before the model loads
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    for piece in stream_text(model, tokenizer, tokenizer.encode(prompt), params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from lmstack.engine.chat import chat_cli
+    from lmstack.engine.chat import chat_session
+    from lmstack.engine.generate import load_for_inference
 
-    chat_cli(args)
+    params = _sampling_params(args)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    chat_session(model, tokenizer, params, system=args.system)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -153,6 +180,24 @@ def _inspect(args: argparse.Namespace) -> None:
     from lmstack.convert.inspect import inspect_model
 
     inspect_model(args.model)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from lmstack.eval.evaluate import eval_cli
+
+    eval_cli(args)
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from lmstack.compress.prune import prune_cli
+
+    prune_cli(args)
+
+
+def _compress_report(args: argparse.Namespace) -> None:
+    from lmstack.compress.report import report_cli
+
+    report_cli(args)
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -310,6 +355,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="hf: float32|bfloat16|float16; gguf: f32|f16|q8_0")
     p = command("inspect", _inspect, "show a model's architecture, size, dtypes, tokenizer and template")
     p.add_argument("--model", required=True)
+
+    # evaluation, pruning, compression report (docs/evaluation.md, docs/compression.md)
+    p = command("eval", _eval, "perplexity, bits per byte, multiple-choice tasks and greedy agreement of a model")
+    p.add_argument("--model", required=True, help="any model reference (quantized or not)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma list: ppl, agreement, mc (all built-in tasks), a task name, "
+        "or a .jsonl task file (default: ppl,mc, plus agreement with --reference)",
+    )
+    p.add_argument("--reference", default=None, help="model reference to measure greedy agreement against")
+    p.add_argument("--text", default=None, help="held-out text for ppl: .txt/.md (paragraphs) or .jsonl")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None)
+    p = command("prune", _prune, "prune a model: magnitude, wanda, 2:4, or structured heads/channels/layers")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"])
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed, in [0, 1) (2:4: 0.5)")
+    p.add_argument("--out", required=True, help="output model directory (a model reference)")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: per layer or global")
+    p.add_argument("--calib", default=None, help="calibration text (.txt/.jsonl); default: built-in text")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--recovery-steps", type=int, default=50, help="structured methods: fine-tune steps after")
+    p.add_argument("--recovery-lr", type=float, default=1e-4)
+    p = command("compress-report", _compress_report, "table + plot of size, RAM, speed and quality per variant")
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--methods",
+        default="fp32,bf16,int8,int4,nf4,gptq,awq",
+        help="comma list of fp32,bf16,int8,int4,nf4,gptq,awq,w8a8,pruned (2:4 magnitude)",
+    )
+    p.add_argument("--out", required=True, help="output directory: report.md, report.csv, report.png, variants/")
+    p.add_argument("--calib", default=None)
+    p.add_argument("--limit", type=int, default=40, help="items per multiple-choice task")
+    p.add_argument("--decode-tokens", type=int, default=32)
 
     # applications: embeddings, RAG, agents, MCP (docs/rag.md, docs/agents.md)
     p = command("embed", _embed, "embed texts with an encoder model (one vector per input row, in order)")

@@ -6,10 +6,11 @@ longer fits the context, the oldest turns are dropped (the system prompt is kept
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
-from lmstack.engine.generate import SamplingParams, load_for_inference, params_from_args, stream_text
+from lmstack.engine.generate import SamplingParams, stream_text
 from lmstack.errors import LmstackError
 from lmstack.model.transformer import Transformer
 from lmstack.tokenizer import Tokenizer
@@ -40,18 +41,27 @@ def reply(model: Transformer, tokenizer: Tokenizer, messages: list[dict[str, str
     return stream_text(model, tokenizer, ids, params), messages
 
 
-def chat_cli(args: argparse.Namespace) -> None:
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+def chat_session(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    params: SamplingParams,
+    system: str | None = None,
+    read_line: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    interactive: bool | None = None,
+) -> None:
+    """A conversation until /exit or end of input: lines from `read_line`, replies streamed to `out`
+    (stdout), notes to stderr. `interactive` (default: stdin is a terminal) shows prompts."""
     if not tokenizer.chat_template:
-        raise LmstackError(f"{args.model} has no chat template; use `lmstack generate` for plain completion")
-    params = params_from_args(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
-    interactive = sys.stdin.isatty()
+        raise LmstackError("the model has no chat template; use `lmstack generate` for plain completion")
+    out = out or sys.stdout
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    system_turn = [{"role": "system", "content": system}] if system else []
+    messages = list(system_turn)
     print("chat: /reset clears the history, /exit quits", file=sys.stderr)
     while True:
         try:
-            line = input("you> " if interactive else "")
+            line = read_line("you> " if interactive else "")
         except EOFError:
             break
         text = line.strip()
@@ -60,18 +70,18 @@ def chat_cli(args: argparse.Namespace) -> None:
         if text == "/exit":
             break
         if text == "/reset":
-            messages = list(system)
+            messages = list(system_turn)
             print("(history cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
         pieces, messages = reply(model, tokenizer, messages, params)
         if interactive:
-            sys.stdout.write("assistant> ")
+            out.write("assistant> ")
         answer = []
         for piece in pieces:
             answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
         messages.append({"role": "assistant", "content": "".join(answer).strip()})

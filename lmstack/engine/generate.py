@@ -8,8 +8,6 @@ start of a stop string, so a stop string never leaks into the output.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -17,8 +15,10 @@ import torch
 from lmstack.engine.sampling import SamplingParams, TokenSampler
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
+from lmstack.hub import load_model
 from lmstack.model.transformer import KVCache, Transformer
 from lmstack.tokenizer import Tokenizer
+from lmstack.utils.device import resolve_device, resolve_dtype
 
 __all__ = ["SamplingParams", "generate_text", "generate_tokens", "stream_text"]
 
@@ -112,42 +112,11 @@ def generate_text(
     return "".join(stream_text(model, tokenizer, prompt_ids, params))
 
 
-# --- CLI glue ------------------------------------------------------------------------------------
-
-
-def params_from_args(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=list(getattr(args, "stop", []) or []),
-        ignore_eos=getattr(args, "ignore_eos", False),
-    )
-
-
 def load_for_inference(model_ref: str, device: str = "auto", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
-    from lmstack.hub import load_model
-    from lmstack.utils.device import resolve_device, resolve_dtype
-
+    """Any model reference, on `device` ("auto": CUDA when present) in `dtype` (None: fp32 on CPU,
+    bf16 on CUDA), in eval mode with its tokenizer (a model without one is an error)."""
     dev = resolve_device(device)
     model, tokenizer = load_model(model_ref, device=dev, dtype=resolve_dtype(dtype, dev))
     if tokenizer is None:
         raise LmstackError(f"{model_ref} has no tokenizer; save the model with its tokenizer files")
     return model.eval(), tokenizer
-
-
-def generate_cli(args: argparse.Namespace) -> None:
-    """`lmstack generate`: only generated text goes to stdout; everything else to stderr."""
-    params = params_from_args(args)
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
-    if args.chat:
-        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    for piece in stream_text(model, tokenizer, prompt_ids, params):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from lmstack.cli import build_parser
+from lmstack.cli import main
 from lmstack.config import model_config
-from lmstack.engine import chat
+from lmstack.engine import chat, generate
+from lmstack.engine.sampling import SamplingParams
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer
 from lmstack.model.io import save_model_dir
@@ -36,10 +38,10 @@ def test_each_turn_is_prompted_with_the_whole_conversation(chat_model, monkeypat
         prompts.append(tok.decode(ids, skip_special_tokens=False))
         yield next(replies)
 
-    monkeypatch.setattr(chat, "load_for_inference", lambda *a: (model, tok))
+    monkeypatch.setattr(generate, "load_for_inference", lambda *a: (model, tok))
     monkeypatch.setattr(chat, "stream_text", fake_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Capital of France?\nIts river?\n/reset\nHi\n/exit\nnever read\n"))
-    chat.chat_cli(build_parser().parse_args(["chat", "--model", "m", "--system", "Be brief."]))
+    assert main(["chat", "--model", "m", "--system", "Be brief."]) == 0
 
     system = {"role": "system", "content": "Be brief."}
     expected = [
@@ -83,3 +85,11 @@ def test_fit_history_drops_oldest_turns_but_keeps_the_system_prompt(chat_model):
     assert len(messages) < len(turns) + 2 and len(ids) + 50 <= 300
     with pytest.raises(LmstackError, match="write a shorter message"):
         chat.fit_history(tok, [system, {"role": "user", "content": "word " * 400}], context=300, reserve=50)
+
+
+def test_chat_without_a_template_is_a_clear_error(chat_model):
+    model, tok = chat_model
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    with pytest.raises(LmstackError, match="no chat template"):
+        chat.chat_session(model, plain, SamplingParams(max_new_tokens=1), read_line=lambda _: "hi")

@@ -28,7 +28,7 @@ from lmstack.errors import LmstackError
 from lmstack.peft.config import PeftConfig
 from lmstack.peft.layers import BottleneckAdapter, IA3Linear
 from lmstack.peft.lora import LoraLinear
-from lmstack.peft.model import DEFAULT_ADAPTER, add_lora, apply_peft, set_adapter
+from lmstack.peft.model import DEFAULT_ADAPTER, add_lora, apply_peft, quantize_targets_nf4, set_adapter
 from lmstack.utils.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -270,6 +270,9 @@ def load_adapter(model: Transformer, directory: str | Path, name: str = DEFAULT_
     if config.get("peft_type") == "LORA":
         if not hasattr(model, "peft_config"):
             model.requires_grad_(False)
+        if info.get("peft", {}).get("method") == "qlora":  # serve over the NF4 base it was trained on
+            block = int(info["peft"].get("nf4_block_size", 64))
+            quantize_targets_nf4(model, dataclasses.replace(cfg, nf4_block_size=block))
         names = add_lora(model, cfg, name)
         _assign_lora(model, names, tensors, name)
         set_adapter(model, name)

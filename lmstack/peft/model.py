@@ -97,13 +97,14 @@ def add_lora(model: Transformer, cfg: PeftConfig, adapter_name: str = DEFAULT_AD
     return names
 
 
-def _quantize_targets_nf4(model: Transformer, cfg: PeftConfig) -> None:
+def quantize_targets_nf4(model: Transformer, cfg: PeftConfig) -> None:
     """QLoRA's base: the targeted linear weights in NF4 with double-quantised scales (lmstack.compress.nf4)."""
     from lmstack.compress.nf4 import NF4Linear
 
     for name in match_linear_slots(model, cfg.target_modules):
         linear = model.get_submodule(name)
-        _replace(model, name, NF4Linear.from_linear(linear, block_size=cfg.nf4_block_size, double_quant=True))
+        if isinstance(linear, nn.Linear):  # a slot already quantized (or wrapped) stays as it is
+            _replace(model, name, NF4Linear.from_float(linear, block_size=cfg.nf4_block_size))
 
 
 def _freeze(model: Transformer, cfg: PeftConfig) -> None:
@@ -179,7 +180,7 @@ def apply_peft(
     if method == "freeze":
         _freeze(model, cfg)
     elif method == "qlora":
-        _quantize_targets_nf4(model, cfg)
+        quantize_targets_nf4(model, cfg)
         add_lora(model, cfg, adapter_name)
     elif method in LORA_METHODS:
         add_lora(model, cfg, adapter_name)
@@ -198,13 +199,13 @@ def apply_peft(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; tied and shared tensors counted once; NF4 weights by element count."""
+    """(trainable, total) parameters; tied and shared tensors counted once; a quantized slot (packed
+    buffers, no weight parameter) counts its in x out weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        count = getattr(module, "num_weight_elements", None)  # quantized slots hold packed buffers
-        if callable(count):
-            total += count()
+        if hasattr(module, "dequantize") and not isinstance(module, nn.Linear) and not hasattr(module, "base_layer"):
+            total += module.in_features * module.out_features
     return trainable, total
 
 

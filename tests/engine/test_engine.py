@@ -1,0 +1,160 @@
+"""The batched engine equals plain single-sequence generation (greedy), token for token.
+
+Each feature is checked on mixed prompt lengths in one batch against `generate_tokens` (the
+contiguous `KVCache` path): continuous batching with staggered arrivals, paged KV over ragged rows,
+chunked prefill, prefix caching, preemption, and speculative decoding (n-gram and draft model).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack.config import model_config
+from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
+from lmstack.engine.generate import generate_tokens
+from lmstack.engine.kv_cache import PagedKVCache, RowSpec, block_bytes
+from lmstack.model import Transformer
+from lmstack.model.transformer import fuse_for_inference
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+
+
+def tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> Transformer:
+    """Untied embeddings and a wider init: a tied random model just repeats its last token, which
+    would make equivalence trivially true."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, n_layer=2, d_model=64, max_seq_len=160, tie_embeddings=False, init_std=0.1)
+    cfg |= overrides
+    return Transformer(model_config(preset, **cfg)).eval()
+
+
+def mixed_prompts() -> list[list[int]]:
+    """Different lengths; repeated phrases so prompt lookup has something to find."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [3, 41, 17, 70, 9, 28]
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in lengths]
+    return [p + p[: min(len(p), 12)] for p in prompts]
+
+
+def reference(model: Transformer, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [list(generate_tokens(model, p, params)) for p in prompts]
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    """Requests join while others are mid-prefill or mid-decode: one new request every other step."""
+    ids, done, pending = [], {}, list(prompts)
+    while pending or engine.has_unfinished():
+        if pending:
+            ids.append(engine.add_request(pending.pop(0), params))
+        for _ in range(2):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2", "moe-tiny"])
+def test_continuous_batching_with_staggered_arrivals_equals_single_stream(preset):
+    model = tiny_model(preset)
+    prompts = mixed_prompts()
+    expected = reference(model, prompts)
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, max_batch_tokens=256))
+    assert run_staggered(engine, prompts) == expected
+    assert engine.stats().kv_usage == 0.0  # every block came back
+
+
+def test_paged_cache_serves_ragged_rows_in_one_forward():
+    """Rows with different stored lengths and new-token counts in one forward match each row alone."""
+    model = tiny_model()
+    cfg = model.cfg
+    seqs = [torch.randint(1, 300, (n,)).tolist() for n in (5, 19, 11)]
+    cache = PagedKVCache(cfg, num_blocks=16, block_size=4, device="cpu", dtype=torch.float32)
+    tables = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12]]
+    past = [2, 15, 0]
+    with torch.inference_mode():
+        for seq, table, p in zip(seqs, tables, past, strict=True):  # store each sequence's first `p` tokens
+            if p:
+                cache.prepare([RowSpec(table, 0, p)], p)
+                model(torch.tensor([seq[:p]]), cache=cache)
+                cache.advance(p)
+        T = max(len(s) - p for s, p in zip(seqs, past, strict=True))
+        idx = torch.zeros(3, T, dtype=torch.long)
+        for b, (s, p) in enumerate(zip(seqs, past, strict=True)):
+            idx[b, T - (len(s) - p) :] = torch.tensor(s[p:])
+        cache.prepare([RowSpec(t, p, len(s) - p) for s, t, p in zip(seqs, tables, past, strict=True)], T)
+        batched = model(idx, cache=cache).logits
+        for b, (s, p) in enumerate(zip(seqs, past, strict=True)):
+            alone = model(torch.tensor([s])).logits[0, p:]
+            torch.testing.assert_close(batched[b, T - (len(s) - p) :], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_single_stream():
+    model = tiny_model()
+    prompts = mixed_prompts()
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, max_batch_tokens=16))  # prompts span steps
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == reference(model, prompts)
+
+
+def test_prefix_cache_hits_and_equals_single_stream():
+    model = tiny_model()
+    system = torch.randint(1, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = [system + p for p in mixed_prompts()]
+    expected = reference(model, prompts)
+    engine = LLMEngine(model, config=EngineConfig(block_size=8))
+    first = engine.generate(prompts[:1], GREEDY)  # fills the cache with the shared system prompt
+    rest = engine.generate(prompts[1:], GREEDY)
+    assert [o.outputs[0].token_ids for o in first + rest] == expected
+    assert all(o.num_cached_tokens >= 40 for o in rest)
+    assert engine.stats().prefix_cache_hit_rate > 0.3
+    # The same prompt again reuses its generated blocks too (multi-turn history).
+    again = engine.generate(prompts[:1], GREEDY)[0]
+    assert again.outputs[0].token_ids == expected[0] and again.num_cached_tokens >= 40
+    no_cache = LLMEngine(model, config=EngineConfig(block_size=8, enable_prefix_caching=False))
+    assert [o.outputs[0].token_ids for o in no_cache.generate(prompts, GREEDY)] == expected
+    assert no_cache.stats().prefix_cache_hit_rate == 0.0
+
+
+def test_preemption_recomputes_and_never_truncates():
+    model = tiny_model()
+    prompts = mixed_prompts()
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    # A pool just big enough for the longest sequence alone: running sequences must be preempted.
+    longest = max(len(p) for p in prompts) + 40 + 4  # + the speculative allowance the engine reserves
+    pool_mb = (-(-longest // 4) + 1) * block_bytes(model.cfg, 4, torch.float32) / 2**20
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, kv_cache_mb=pool_mb, enable_prefix_caching=False))
+    outs = engine.generate(prompts, params)
+    assert engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == reference(model, prompts, params)
+    assert all(len(o.outputs[0].token_ids) == 40 and o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_ngram_speculation_equals_single_stream():
+    model = tiny_model()
+    prompts = mixed_prompts()
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, speculative="ngram", num_speculative_tokens=4))
+    assert run_staggered(engine, prompts) == reference(model, prompts)
+    assert engine.stats().spec_acceptance_rate > 0
+
+
+@pytest.mark.parametrize("draft_seed", [0, 5])  # the model itself (all accepted) and an unrelated one
+def test_draft_model_speculation_equals_single_stream(draft_seed):
+    model = tiny_model()
+    draft = tiny_model() if draft_seed == 0 else tiny_model(seed=draft_seed, n_layer=1)
+    prompts = mixed_prompts()
+    engine = LLMEngine(model, config=EngineConfig(block_size=8, speculative="draft"), draft_model=draft)
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == reference(model, prompts)
+    rate = engine.stats().spec_acceptance_rate
+    assert rate == 1.0 if draft_seed == 0 else rate < 1.0
+
+
+def test_fused_projections_give_the_same_logits():
+    for preset in ("tiny", "moe-tiny"):
+        model = tiny_model(preset)
+        idx = torch.randint(1, 300, (2, 12))
+        expected = model(idx).logits
+        fuse_for_inference(model)
+        assert not hasattr(model.layers[0].attn, "q_proj") and hasattr(model.layers[0].attn, "qkv_proj")
+        torch.testing.assert_close(model(idx).logits, expected, atol=1e-5, rtol=1e-5)

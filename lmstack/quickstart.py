@@ -16,6 +16,12 @@ import time
 from pathlib import Path
 
 from lmstack.config import load_train_config
+from lmstack.data.builtin import write_builtin_corpus
+from lmstack.data.tokenize import tokenize_corpus
+from lmstack.engine.generate import generate_text
+from lmstack.model.io import load_model_dir
+from lmstack.tokenizer import train_tokenizer_from_files
+from lmstack.train.pretrain import pretrain
 
 SAMPLE_PROMPTS = ["Return the", "This module provides", "If the file"]
 
@@ -25,13 +31,6 @@ def _say(message: str) -> None:
 
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, threads: int = 0) -> dict:
-    from lmstack.data.builtin import write_builtin_corpus
-    from lmstack.data.tokenize import tokenize_corpus
-    from lmstack.engine.generate import generate_text
-    from lmstack.model.io import load_model_dir
-    from lmstack.tokenizer import train_tokenizer_from_files
-    from lmstack.train.pretrain import pretrain
-
     started = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
+
 from lmstack.data.files import iter_documents, resolve_inputs
 from lmstack.errors import LmstackError
 from lmstack.utils.io import atomic_write_text
@@ -167,8 +173,6 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
         """Load from a directory with tokenizer.json (+ tokenizer_config.json): ours or Hugging Face's."""
-        from tokenizers import Tokenizer as Backend
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -230,10 +234,6 @@ def _tiktoken_encoding(backend: Any) -> Any:
     test the rest against `tokenizers` on real and adversarial text (tests/test_tokenizer.py).
     Anything else (another split pattern, a normalizer, byte fallback, GGUF vocabularies) gets None.
     """
-    try:
-        import tiktoken
-    except ImportError:
-        return None
     spec = json.loads(backend.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [])
@@ -282,8 +282,6 @@ def _token_str(value: Any) -> str | None:
 @functools.lru_cache(maxsize=16)  # a server renders every request with the same few templates
 def _compile_template(source: str):
     """A sandboxed Jinja environment configured like transformers' chat template renderer."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise LmstackError(f"chat template rejected the conversation: {message}")
@@ -302,8 +300,6 @@ def _compile_template(source: str):
 
 
 def build_bpe_trainer(vocab_size: int, special_tokens: list[str], min_frequency: int):
-    from tokenizers import pre_tokenizers, trainers
-
     return trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -315,9 +311,6 @@ def build_bpe_trainer(vocab_size: int, special_tokens: list[str], min_frequency:
 
 def new_byte_level_bpe():
     """An untrained byte-level BPE with the GPT-4-style split."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
     backend = Backend(models.BPE(byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -22,6 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
 from lmstack.errors import LmstackError
 from lmstack.tokenizer import IM_END, Tokenizer, bytes_to_unicode
 
@@ -61,8 +64,6 @@ NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 def _pre_tokenizer(kind: str):
-    from tokenizers import Regex, pre_tokenizers
-
     if kind in ("llama3", "qwen2"):
         regex = LLAMA3_SPLIT if kind == "llama3" else QWEN2_SPLIT
         return pre_tokenizers.Sequence(
@@ -86,9 +87,6 @@ def _pre_tokenizer(kind: str):
 
 def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> Tokenizer:
     """Rebuild the tokenizer a GGUF describes (byte-level BPE, `tokenizer.ggml.model == "gpt2"`)."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as Backend
-
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise LmstackError(

@@ -32,6 +32,8 @@ from torch import nn
 
 from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError
+from lmstack.model.io import load_weights, read_safetensors, save_model_dir
+from lmstack.model.transformer import Transformer
 from lmstack.train.distributed import DistContext, barrier, gather_objects, unwrap
 from lmstack.utils.config_loader import to_dict
 from lmstack.utils.io import atomic_path, atomic_write_text
@@ -50,6 +52,7 @@ def checkpoint_dir(out: str | Path) -> Path | None:
 
 
 def _state_options(cpu_offload: bool):
+    # torch.distributed.checkpoint takes ~3 s to import; only saving and resuming need it.
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
@@ -77,9 +80,6 @@ def save_checkpoint(
     writes an adapter directory there).
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from lmstack.model.io import load_weights, save_model_dir
-    from lmstack.model.transformer import Transformer
 
     inner = unwrap(model)
     model_sd, optim_sd = get_state_dict(inner, optimizer, options=_state_options(ctx.enabled))
@@ -173,8 +173,6 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, world_size: int, ck
 
 def load_model_weights(model: nn.Module, ckpt: Path) -> None:
     """Load the checkpoint's weights into an unwrapped model (before DDP/FSDP wrapping)."""
-    from lmstack.model.io import load_weights, read_safetensors
-
     load_weights(model, read_safetensors(ckpt / "model.safetensors"))
 
 

@@ -30,7 +30,12 @@ import torch
 from tqdm import tqdm
 
 from lmstack.config import TrainConfig
+from lmstack.data.shards import load_meta, load_split
+from lmstack.engine.generate import SamplingParams, generate_tokens
 from lmstack.errors import LmstackError
+from lmstack.model.transformer import Transformer
+from lmstack.tokenizer import Tokenizer
+from lmstack.track import RunTracker, measure_peak_flops
 from lmstack.train import checkpoint as ckpt_io
 from lmstack.train.data import TrainBatches, check_data_fits, val_batches
 from lmstack.train.distributed import (
@@ -102,8 +107,6 @@ class PretrainData:
 
 
 def _open_data(cfg: TrainConfig) -> PretrainData:
-    from lmstack.data.shards import load_meta, load_split
-
     if not cfg.data:
         raise LmstackError("no training data given; pass --data DIR (a directory from `lmstack data tokenize`)")
     if not Path(cfg.data).is_dir():
@@ -236,8 +239,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, data: PretrainData, resume_from: Path | None):
-        from lmstack.track import RunTracker, measure_peak_flops
-
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.out = Path(cfg.out)
         self.device = ctx.device
@@ -296,8 +297,6 @@ class Trainer:
         check_data_fits(len(data.train), len(data.val), cfg.batch_size, cfg.seq_len, self.ctx.world_size, cfg.data)
 
     def build_model(self, resume_from: Path | None) -> torch.nn.Module:
-        from lmstack.model.transformer import Transformer
-
         model = Transformer(self.cfg.model)
         if resume_from is not None:
             ckpt_io.load_model_weights(model, resume_from)
@@ -384,9 +383,6 @@ class Trainer:
             collective = False
             if not self.ctx.is_main:
                 return None
-        from lmstack.engine.generate import SamplingParams, generate_tokens
-        from lmstack.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(self.data.tokenizer_dir)
         prompt = self.cfg.sample_prompt
         ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]

@@ -44,6 +44,7 @@ from lmstack.data.curate.filters import (
 from lmstack.data.curate.mix import MixConfig, copies, estimate_tokens, sampling_ratios
 from lmstack.data.curate.normalize import HtmlExtractConfig, NormalizeConfig
 from lmstack.data.curate.pii import PiiConfig
+from lmstack.data.curate.ray_executor import map_tasks_on_ray
 from lmstack.data.curate.readers import ReadTask, SourceConfig, make_tasks, read_task
 from lmstack.data.curate.report import build_summary, write_report
 from lmstack.data.curate.writers import ShardWriter, read_jsonl_documents, write_jsonl_documents
@@ -418,8 +419,6 @@ def _run_sharded(
     todo = [i for i, m in enumerate(markers) if not m.is_file()]
     if todo:
         if ctx.recipe.executor.kind == "ray":
-            from lmstack.data.curate.ray_executor import map_tasks_on_ray
-
             map_tasks_on_ray(fn, ctx, [tasks[i] for i in todo], ctx.recipe.executor.address, workers, desc)
         elif workers <= 1 or len(todo) == 1:
             for i in tqdm(todo, desc=desc, unit="shard", file=sys.stderr):

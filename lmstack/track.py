@@ -80,7 +80,7 @@ class RunTracker:
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # ~1.2 s to import; only with tensorboard on
             except ImportError:  # tensorboard not installed: JSONL and PNG still record everything
                 SummaryWriter = None
             if SummaryWriter is not None:
@@ -139,7 +139,7 @@ def _tb_tag(key: str) -> str:
 
 
 def write_loss_plot(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # ~1.4 s to import; only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -144,7 +144,7 @@ def render(tokenizer: Tokenizer, messages: Messages) -> tuple[list[int], list[bo
                 "cannot be located; use a template that renders turns in order (e.g. chatml)"
             )
         for text, trained in ((prompt[len(done) :], False), (full[len(prompt) :], True)):
-            piece = tokenizer.encode(text, add_bos=not ids) if text else []
+            piece = tokenizer.encode(text, add_bos=None if not ids else False) if text else []
             ids += piece
             mask += [trained] * len(piece)
         done = full

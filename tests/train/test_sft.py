@@ -1,0 +1,141 @@
+"""`lmstack finetune` on a tiny model over the shipped demo instructions: the loss falls, the output
+directory is a model reference (load, generate, merge), resume is exact, bad input fails early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmstack.cli import main
+from lmstack.data.demo import INSTRUCTIONS
+from lmstack.errors import LmstackError
+from lmstack.hub import load_model, resolve
+from lmstack.train.sft import finetune, load_sft_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 64-dim model: one thread is far faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tokenizer_dir, tmp_path_factory):
+    from lmstack.config import ModelConfig
+    from lmstack.model.io import save_model_dir
+    from lmstack.model.transformer import Transformer
+    from lmstack.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    # Untied head: LoRA on lm_head lets a random-init model's near-uniform output sharpen within a few steps.
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, tie_embeddings=False
+    )
+    out = tmp_path_factory.mktemp("base")
+    save_model_dir(Transformer(cfg), out, tokenizer)
+    return out
+
+
+def _config(base_dir, out, *settings):
+    return load_sft_config(
+        None,
+        [
+            f"base_model={base_dir}",
+            f"data={INSTRUCTIONS}",
+            f"out={out}",
+            "seq_len=128",
+            "batch_size=4",
+            "tensorboard=false",
+            "sample_tokens=8",
+            *settings,
+        ],
+    )
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_finetune_learns_and_is_a_model_reference(base_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(
+        base_dir,
+        out,
+        "max_steps=30",
+        "lr=1e-2",
+        "eval_every=10",
+        "log_every=5",
+        "peft.target_modules=[q_proj,v_proj,lm_head]",
+    )
+    summary = finetune(cfg)
+    evals = [m["val_loss"] for m in _metrics(out) if "val_loss" in m]
+    losses = [m["loss"] for m in _metrics(out) if "loss" in m]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.3 and losses[-1] < losses[0] - 0.5
+    assert (out / "loss.png").is_file() and (out / "report.html").is_file()
+
+    kind, path = resolve(out)
+    assert (kind, path) == ("adapter", out / "checkpoint") and summary["model"] == str(path)
+    model, tokenizer = load_model(out)
+    x = torch.tensor([tokenizer.encode("<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        adapted, base = model(x).logits, load_model(base_dir)[0](x).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+
+    assert main(["merge", "--model", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)
+    assert main(["generate", "--model", str(out), "--prompt", "hi", "--chat", "--max-new-tokens", "4"]) == 0
+
+
+def test_lora_resume_is_exact(base_dir, tmp_path):
+    from lmstack.model.io import read_safetensors
+
+    common = ("lr=1e-2", "schedule=constant", "warmup_steps=2", "eval_every=0", "log_every=1", "save_every=0")
+    finetune(_config(base_dir, tmp_path / "straight", "max_steps=6", *common))
+    finetune(_config(base_dir, tmp_path / "resumed", "max_steps=3", *common))
+    finetune(_config(base_dir, tmp_path / "resumed", "max_steps=6", *common), resume=True)
+    a = read_safetensors(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
+    b = read_safetensors(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "straight") if "loss" in m}
+    resumed = {m["step"]: m["loss"] for m in _metrics(tmp_path / "resumed") if "loss" in m}
+    assert losses == resumed
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "prompt", "prefix", "adapter"])
+def test_methods_run_through_the_trainer(method, base_dir, tmp_path):
+    out = tmp_path / method
+    finetune(
+        _config(base_dir, out, f"peft.method={method}", "max_steps=2", "eval_every=2", "peft.num_virtual_tokens=4")
+    )
+    kind, _ = resolve(out)
+    assert kind == ("lmstack" if method in ("full", "bitfit") else "adapter")
+    assert main(["generate", "--model", str(out), "--prompt", "hi", "--chat", "--max-new-tokens", "4"]) == 0
+
+
+def test_config_errors(base_dir, tmp_path):
+    with pytest.raises(LmstackError, match="takes its model from --model"):
+        _config(base_dir, tmp_path, "model.n_layer=2")
+    with pytest.raises(LmstackError, match="did you mean 'alpha'"):
+        _config(base_dir, tmp_path, "peft.alpah=4")
+    with pytest.raises(LmstackError, match="no checkpoint"):
+        finetune(_config(base_dir, tmp_path / "none", "max_steps=1"), resume=True)
+    with pytest.raises(LmstackError, match="matches no linear layer"):
+        finetune(_config(base_dir, tmp_path / "t", "max_steps=1", "peft.target_modules=[query]"))
+    with pytest.raises(LmstackError, match="longer than the model's context"):
+        finetune(_config(base_dir, tmp_path / "t", "max_steps=1", "seq_len=4096"))
+
+
+def test_cli_bad_data_is_one_line(base_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    code = main(["finetune", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and f"{data}:2" in err[-1] and "'output'" in err[-1]

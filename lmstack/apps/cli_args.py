@@ -65,11 +65,17 @@ def add_agent_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
     p.add_argument(
         "--tools",
         default="calculator",
-        help="comma list: calculator, rag:INDEX, files:DIR, http:HOST[+HOST...], python (sandboxed subprocess)",
+        help="comma list: calculator, rag:INDEX, files:DIR, http:HOST[+HOST...]",
     )
     p.add_argument("--mcp", action="append", default=[], help='command of an MCP server, e.g. "python -m srv"')
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--tool-timeout", type=float, default=10.0, help="seconds before a tool call is abandoned")
+    p.add_argument(
+        "--tool-choice",
+        default="auto",
+        choices=["auto", "required"],
+        help="required: the first step must be a tool call (constrained decoding; helps small models)",
+    )
     p.add_argument("--eval", metavar="TASKS.jsonl", help="score a task set with and without tools")
 
 
@@ -83,3 +89,4 @@ def add_mcp_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
     p.add_argument("--model", default=None, help="chat model for the generate tool (loaded on first use)")
     p.add_argument("--embed-model", default=DEFAULT_ENCODER)
     p.add_argument("--index", action="append", default=[], help="RAG index the search tool may use (repeatable)")
+    p.add_argument("--root", default=".", help="data_stats may only read under this directory")

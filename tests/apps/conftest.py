@@ -40,7 +40,7 @@ def tiny_chat_model(tokenizer_dir, tmp_path_factory):
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
-    model = Transformer(model_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=2, d_model=64, max_seq_len=512))
+    model = Transformer(model_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=2, d_model=64, max_seq_len=2048))
     out = tmp_path_factory.mktemp("tiny-chat")
     save_model_dir(model, out, tokenizer)
     return str(out)

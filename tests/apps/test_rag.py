@@ -163,10 +163,10 @@ def test_ask_prints_an_answer_then_numbered_sources(demo_index, tiny_chat_model,
 
 
 def test_question_longer_than_the_context_is_an_error(demo_index, tiny_chat_model, capsys):
-    question = "heap " * 600
+    question = "heap " * 2500
     args = ["rag", "ask", "--index", str(demo_index), "--model", tiny_chat_model, "--max-new-tokens", "8", question]
     assert main(args) == 2
-    assert "context is 512 tokens; shorten the question" in capsys.readouterr().err
+    assert "context is 2048 tokens; shorten the question" in capsys.readouterr().err
 
 
 def test_cross_encoder_reranks_candidates(demo_index, minilm, tmp_path):

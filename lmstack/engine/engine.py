@@ -213,6 +213,7 @@ class LLMEngine:
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab, context = self.model_cfg.vocab_size, self.model_cfg.max_seq_len
         require(prompt_ids, "the prompt is empty; pass some text or token ids")
+        require(params.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         require(not bad, f"token id {bad[0] if bad else 0} is outside the model's vocabulary of {vocab}")
         if len(prompt_ids) >= context:

@@ -119,12 +119,18 @@ def resolve(ref: str | Path) -> tuple[str, Path]:
 
 
 def load_model(
-    ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    ref: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    keep_quantized: bool = False,
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load any model reference into lmstack's `Transformer` (eval mode) and its tokenizer.
 
     dtype: None keeps float32 for GGUF/HF imports and the saved dtype for lmstack dirs.
     The tokenizer is None only for an lmstack or HF dir saved without tokenizer files.
+    A quantized lmstack dir (config.json has "quantization") always loads packed (lmstack.compress).
+    keep_quantized: GGUF Q8_0/Q4_0/Q4_1 weights stay packed and run through lmstack's kernels
+    (inference: generate, serve, eval); False dequantizes them to float (training, fine-tuning, export).
     """
     kind, path = resolve(ref)
     if kind == "encoder":
@@ -136,9 +142,17 @@ def load_model(
         return _load_base_with_adapter(path, device, dtype)
     dt = torch_dtype(dtype)
     if kind == "gguf":
+        if keep_quantized:
+            from lmstack.compress.gguf_load import load_gguf_quantized
+
+            return load_gguf_quantized(path, device=device, dtype=dt)
         return load_gguf(path, device=device, dtype=dt)
     if kind == "hf":
         return load_hf_dir(path, device=device, dtype=dt)
+    from lmstack.compress.model import load_quantized_dir, quantization_config
+
+    if quantization_config(path) is not None:
+        return load_quantized_dir(path, device=device, dtype=dt)
     return load_model_dir(path, device=device, dtype=dt)
 
 

@@ -22,12 +22,28 @@ from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
 
+# method name -> class; every subclass with a `method` registers itself (see `QuantizedLinear.from_state`).
+QUANTIZED_FORMATS: dict[str, type[QuantizedLinear]] = {}
+
 
 class QuantizedLinear(nn.Module):
     """Base class: subclasses store packed buffers and implement `dequantize`, `_concat` and `config`."""
 
     # The name in config.json's "quantization" entry and in `QUANTIZED_FORMATS`.
     method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            QUANTIZED_FORMATS[cls.method] = cls
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]) -> QuantizedLinear:
+        """Rebuild from the module's own state-dict tensors and its saved `config()` (+ in/out features).
+
+        The default passes the tensors by name to the constructor (qweight, scales, mins, bias ...);
+        formats whose constructor needs more (NF4's block sizes) override it."""
+        return cls(**tensors)
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None):
         super().__init__()

@@ -114,10 +114,17 @@ class Int4Linear(QuantizedLinear):
         return unpack_int4(self.qweight)
 
     def dequantize(self) -> Tensor:
-        q = self.codes().float().view(self.out_features, -1, self.group_size)
-        scales = self.scales.float()[..., None]
-        w = scales * (q - 8) if self.mins is None else scales * q + self.mins.float()[..., None]
-        return w.view(self.out_features, self.in_features)
+        return self.dequantize_rows(None)
+
+    def dequantize_rows(self, rows: Tensor | None) -> Tensor:
+        """Float32 weight rows (all when rows is None); a quantized embedding table looks tokens up here."""
+        qweight, scales, mins = self.qweight, self.scales, self.mins
+        if rows is not None:
+            qweight, scales, mins = qweight[rows], scales[rows], None if mins is None else mins[rows]
+        q = unpack_int4(qweight).float().view(qweight.shape[0], -1, self.group_size)
+        s = scales.float()[..., None]
+        w = s * (q - 8) if mins is None else s * q + mins.float()[..., None]
+        return w.view(qweight.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.usable(x, self.in_features, self.group_size):

@@ -62,8 +62,12 @@ class Int8Linear(QuantizedLinear):
         return cls(qweight.to(torch.int8), scales.reshape(qweight.shape[0], -1), bias)
 
     def dequantize(self) -> Tensor:
-        w = self.qweight.float().view(self.out_features, -1, self.group_size) * self.scales.float()[..., None]
-        return w.view(self.out_features, self.in_features)
+        return self.dequantize_rows(None)
+
+    def dequantize_rows(self, rows: Tensor | None) -> Tensor:
+        """Float32 weight rows (all when rows is None); a quantized embedding table looks tokens up here."""
+        q, s = (self.qweight, self.scales) if rows is None else (self.qweight[rows], self.scales[rows])
+        return (q.float().view(q.shape[0], -1, self.group_size) * s.float()[..., None]).view(q.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.usable(x, self.in_features, self.group_size):

@@ -131,6 +131,16 @@ class NF4Linear(QuantizedLinear):
             absmax_group,
         )
 
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]) -> NF4Linear:
+        return cls(
+            config["in_features"],
+            config["out_features"],
+            **tensors,
+            block_size=config["block_size"],
+            absmax_group=config["absmax_group"],
+        )
+
     def absmax(self) -> Tensor:
         return _dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset, self.absmax_group)
 

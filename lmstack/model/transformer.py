@@ -125,6 +125,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Multi-head causal self-attention, grouped-query when `n_kv_head < n_head`, for every use.
+
+    q/k/v/o projections are the linear slots of docs/architecture.md Seam 1 (plain, quantized or
+    wrapped by an adapter; `fuse_for_inference` may add a fused `qkv_proj`). RoPE is applied to q and k
+    (llama family) from tables the `Transformer` passes in; with a `Cache` the step's keys/values are
+    stored and attention reads everything the cache returns (Seam 2). The kernel is
+    `F.scaled_dot_product_attention`: `is_causal` when no mask is needed, else the given bool mask.
+    """
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -222,6 +231,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The decoder-only language model built from a `ModelConfig` (GPT-2 or LLaMA family, dense or MoE).
+
+    Token (and, for GPT-2, learned position) embeddings -> `n_layer` pre-norm `Block`s (attention +
+    feed-forward with residuals) -> final norm -> `lm_head` (tied to the embeddings when
+    `tie_embeddings`). `forward(idx, targets)` returns a `ModelOutput` with logits and, given targets,
+    the loss; with `cache=` it serves generation. Weights are saved and loaded by `lmstack.model.io`
+    and converted to and from Hugging Face and GGUF by `lmstack.convert`.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

@@ -70,6 +70,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    if args.task != "sft":  # encoder tasks: a classification head, or contrastive embeddings
+        from lmstack.train.encoder import finetune_encoder_cli
+
+        finetune_encoder_cli(args)
+        return
     from lmstack.train.sft import load_sft_config
 
     overrides = [f"base_model={args.model}", f"data={args.data}", f"out={args.out}", *(args.set or [])]
@@ -188,6 +193,12 @@ def _eval(args: argparse.Namespace) -> None:
     eval_cli(args)
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from lmstack.compress.quantize import quantize_cli
+
+    quantize_cli(args)
+
+
 def _prune(args: argparse.Namespace) -> None:
     from lmstack.compress.prune import prune_cli
 
@@ -302,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train in N processes (DDP) via torchrun")
+    p.add_argument(
+        "--task",
+        choices=["sft", "classify", "embed"],
+        default="sft",
+        help="sft: decoder chat fine-tuning; classify: encoder + classification head on text/label jsonl; "
+        "embed: contrastive (MNRL) encoder training on query/positive jsonl (docs/rag.md)",
+    )
     p = command("merge", _merge, "fold a LoRA/DoRA adapter into its base model and write an lmstack model directory")
     p.add_argument("--model", required=True, help="adapter directory (or a fine-tuning run directory)")
     p.add_argument("--out", required=True)
@@ -372,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    p = command("quantize", _quantize, "quantize a model: int8, int4, nf4, gptq, awq or w8a8 (docs/compression.md)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq", "awq", "w8a8"])
+    p.add_argument("--out", required=True, help="output model directory (a model reference)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale (int4/gptq/awq default 32)")
+    p.add_argument("--asymmetric", action="store_true", help="int4/gptq/awq: scale and minimum per group (Q4_1)")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="gptq/awq: 4 or 8")
+    p.add_argument("--calib", default=None, help="gptq/awq/w8a8 calibration text (.txt/.jsonl); default built-in")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p = command("prune", _prune, "prune a model: magnitude, wanda, 2:4, or structured heads/channels/layers")
     p.add_argument("--model", required=True)
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"])

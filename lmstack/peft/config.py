@@ -12,6 +12,7 @@ METHODS = (
     "lora",
     "dora",
     "qlora",
+    "adalora",
     "dylora",
     "adapter",
     "prefix",
@@ -20,7 +21,7 @@ METHODS = (
     "bitfit",
     "ia3",
 )
-LORA_METHODS = ("lora", "dora", "qlora", "dylora")
+LORA_METHODS = ("lora", "dora", "qlora", "dylora", "adalora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,6 +47,15 @@ class PeftConfig:
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
     # QLoRA: the frozen base is stored in NF4 (4-bit NormalFloat) with double-quantised scales.
     nf4_block_size: int = 64
+    # AdaLoRA (Zhang et al. 2023): every module starts at adalora_init_r ranks in SVD form (P diag(E) Q);
+    # ranks are pruned by importance on a cubic budget schedule down to an average of `r` per module.
+    adalora_init_r: int = 12
+    adalora_tinit: int = 0  # steps at the full budget before pruning starts
+    adalora_tfinal: int = 0  # last steps at the final budget
+    adalora_delta_t: int = 1  # re-allocate every this many steps
+    adalora_beta1: float = 0.85  # EMA of the sensitivity |w * grad|
+    adalora_beta2: float = 0.85  # EMA of its uncertainty
+    adalora_orth_reg: float = 0.5  # weight of the orthogonality penalty ||P^T P - I||^2 + ||Q Q^T - I||^2
     # Freeze: train only the last `freeze_trainable_layers` blocks, or modules matching `freeze_trainable`.
     freeze_trainable_layers: int = 2
     freeze_trainable: list[str] = field(default_factory=list)
@@ -75,3 +85,13 @@ class PeftConfig:
         )
         require(self.num_virtual_tokens >= 1, "peft.num_virtual_tokens must be at least 1")
         require(self.adapter_size >= 1, "peft.adapter_size must be at least 1")
+        if self.method == "adalora":
+            require(
+                self.adalora_init_r >= self.r,
+                f"peft.adalora_init_r={self.adalora_init_r} must be >= peft.r={self.r} (AdaLoRA prunes down to r)",
+            )
+
+    @property
+    def initial_rank(self) -> int:
+        """The rank each adapter is created with (AdaLoRA starts wider than its target)."""
+        return self.adalora_init_r if self.method == "adalora" else self.r

@@ -10,7 +10,9 @@ An adapter directory holds
 so `PeftModel.from_pretrained(hf_model, DIR)` loads it onto `lmstack convert --to hf` output and gives
 the same logits, and adapters trained with `peft` load here. Bottleneck adapters have no PEFT
 counterpart: they use the same layout with lmstack's own peft_type, which `peft` refuses by name.
-A DyLoRA adapter is saved at its serving rank as a plain LORA, which is what it computes at inference.
+A DyLoRA adapter is saved at its serving rank as a plain LORA, an AdaLoRA adapter as a LORA with the
+ranks it kept per module (E folded into A; PEFT's rank_pattern/alpha_pattern): what each computes at
+inference.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def _lora_tensors(model: Transformer, name: str) -> tuple[dict[str, torch.Tensor
         if kind == "dylora":  # serve rank b: the first b rows/columns, scale alpha/b as trained
             rank = min(layer.serve_rank or rank, rank)
             A, B = A[:rank], B[:, :rank]
+        elif kind == "adalora":  # E folded into A, pruned ranks dropped; alpha rescaled per module below
+            keep = layer.lora_E[name].detach().flatten() != 0
+            A, B = (A * layer.lora_E[name].detach().float())[keep], B[:, keep]
+            if not keep.any():  # every rank pruned: one zero rank (LoRA needs r >= 1)
+                A, B = A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)
         tensors[f"{hf}.lora_A.weight"], tensors[f"{hf}.lora_B.weight"] = A.contiguous(), B.contiguous()
         if kind == "dora":
             tensors[f"{hf}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].detach().float()
@@ -102,7 +109,7 @@ def _lora_tensors(model: Transformer, name: str) -> tuple[dict[str, torch.Tensor
 
 def _ranks_equal(model: Transformer, name: str) -> None:
     ranks = {layer.rank(name) for layer in model.modules() if isinstance(layer, LoraLinear) and name in layer.lora_A}
-    if len(ranks) > 1:
+    if len(ranks) > 1:  # adapters loaded from a PEFT rank_pattern
         raise LmstackError(f"adapter {name!r} has different ranks per layer ({sorted(ranks)}); cannot save one r")
 
 
@@ -111,9 +118,17 @@ def adapter_state(model: Transformer, name: str = DEFAULT_ADAPTER) -> tuple[dict
     cfg: PeftConfig = model.peft_config
     method = cfg.method
     base: dict[str, Any] = {"task_type": "CAUSAL_LM", "inference_mode": True, "revision": None}
-    if method in ("lora", "dora", "qlora", "dylora"):
-        _ranks_equal(model, name)
+    if method in ("lora", "dora", "qlora", "dylora", "adalora"):
         tensors, slots, rank, alpha, kind = _lora_tensors(model, name)
+        rank_pattern, alpha_pattern = {}, {}
+        if kind == "adalora":  # per-module kept ranks; alpha so that alpha_k / r_k = alpha / init_r as trained
+            for slot in slots:
+                hf = hf_module_name(model, slot)
+                r_k = tensors[f"{PREFIX}{hf}.lora_A.weight"].shape[0]
+                rank_pattern[hf], alpha_pattern[hf] = r_k, alpha * r_k / rank
+            rank = max(rank_pattern.values())
+        else:
+            _ranks_equal(model, name)
         config = {
             **base,
             "peft_type": "LORA",
@@ -127,8 +142,8 @@ def adapter_state(model: Transformer, name: str = DEFAULT_ADAPTER) -> tuple[dict
             "fan_in_fan_out": False,
             "init_lora_weights": True,
             "modules_to_save": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
         }
         return tensors, config
     if method == "ia3":
@@ -222,8 +237,6 @@ def _peft_config_from_file(model: Transformer, config: dict[str, Any], info: dic
     from lmstack.utils.config_loader import build_dataclass
 
     kind = config.get("peft_type")
-    if kind == "LORA" and (config.get("rank_pattern") or config.get("alpha_pattern")):
-        raise LmstackError("LoRA adapters with per-module rank_pattern/alpha_pattern are not supported")
     modules = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k})
     if kind == "LORA":
         if config.get("fan_in_fan_out") or config.get("bias", "none") != "none" or config.get("modules_to_save"):
@@ -273,7 +286,7 @@ def load_adapter(model: Transformer, directory: str | Path, name: str = DEFAULT_
         if info.get("peft", {}).get("method") == "qlora":  # serve over the NF4 base it was trained on
             block = int(info["peft"].get("nf4_block_size", 64))
             quantize_targets_nf4(model, dataclasses.replace(cfg, nf4_block_size=block))
-        names = add_lora(model, cfg, name)
+        names = _add_lora_modules(model, cfg, config, name)
         _assign_lora(model, names, tensors, name)
         set_adapter(model, name)
         model.peft_config = cfg
@@ -284,6 +297,32 @@ def load_adapter(model: Transformer, directory: str | Path, name: str = DEFAULT_
     _assign_other(model, cfg, tensors)
     model.requires_grad_(False)
     return model
+
+
+def _pattern_value(patterns: dict[str, Any], hf: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name ending in it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", hf):
+            return value
+    return default
+
+
+def _add_lora_modules(model: Transformer, cfg: PeftConfig, config: dict[str, Any], name: str) -> list[str]:
+    """add_lora for every targeted module, each with its own rank/alpha where the file's patterns say so."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not ranks and not alphas:
+        return add_lora(model, cfg, name)
+    names = []
+    for target in cfg.target_modules:
+        hf = hf_module_name(model, target.removesuffix("$").replace("\\", ""))
+        one = dataclasses.replace(
+            cfg,
+            target_modules=[target],
+            r=int(_pattern_value(ranks, hf, cfg.r)),
+            alpha=float(_pattern_value(alphas, hf, cfg.alpha)),
+        )
+        names += add_lora(model, one, name)
+    return names
 
 
 def _assign_lora(model: Transformer, names: list[str], tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -329,7 +368,7 @@ def _assign_other(model: Transformer, cfg: PeftConfig, tensors: dict[str, torch.
 
 @torch.no_grad()
 def merge_adapter(model: Transformer, name: str | None = None) -> Transformer:
-    """Fold LoRA/DoRA/DyLoRA adapter `name` (default: the active one) into the weights; plain nn.Linear slots remain.
+    """Fold LoRA-family adapter `name` (default: the active one) into the weights; plain nn.Linear slots remain.
 
     The result has exactly the base's architecture and computes what base + adapter computed (up to
     float rounding). A QLoRA base is dequantized: the merged model is a float model.
@@ -337,7 +376,7 @@ def merge_adapter(model: Transformer, name: str | None = None) -> Transformer:
     layers = [(slot, m) for slot, m in model.named_modules() if isinstance(m, LoraLinear)]
     others = [type(m).__name__ for m in model.modules() if isinstance(m, (IA3Linear, BottleneckAdapter))]
     if others or hasattr(model, "peft_prompt"):
-        raise LmstackError("only LoRA-family adapters (lora, dora, qlora, dylora) can be merged")
+        raise LmstackError("only LoRA-family adapters (lora, dora, qlora, dylora, adalora) can be merged")
     if not layers:
         raise LmstackError("the model has no LoRA adapter to merge")
     for slot, layer in layers:

@@ -5,6 +5,9 @@
     y = m / ||W + scale*B@A||_row * (W + scale*B@A) x + bias        DoRA (Liu et al. 2024): magnitude m
                                                                     times the direction; the norm is
                                                                     treated as a constant in backward
+    y = base(x) + alpha / r0 * B diag(E) A x                        AdaLoRA (Zhang et al. 2023): SVD form,
+                                                                    E's entries pruned by importance
+                                                                    (lmstack.peft.adalora)
     y = base(x) + scale_b * B[:, :b] A[:b] x, b ~ U{1..r}           DyLoRA (Valipour et al. 2023): every
                                                                     prefix rank b is trained, any b <= r
                                                                     can be served
@@ -12,7 +15,7 @@
 `base_layer` is `nn.Linear` or any module with the linear contract (NF4, int8 ...): QLoRA is this
 class around an NF4 module. Several adapters can live side by side (`lora_A["default"]`,
 `lora_A["chat"]` ...) and `active_adapter` selects which one runs, so one base serves many adapters.
-Parameter names are the PEFT library's (`lora_A`, `lora_B`, `lora_magnitude_vector`),
+Parameter names are the PEFT library's (`lora_A`, `lora_B`, `lora_magnitude_vector`, `lora_E`),
 which is what makes the adapter files interchangeable.
 """
 
@@ -40,8 +43,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m (out,)
+        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values (r, 1)
         self.lora_dropout = nn.ModuleDict()
-        self.kind: dict[str, str] = {}  # adapter -> "lora" | "dora" | "dylora"
+        self.kind: dict[str, str] = {}  # adapter -> "lora" | "dora" | "dylora" | "adalora"
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.active_adapter: str | None = None
@@ -61,6 +65,10 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
+        if kind == "adalora":  # PEFT's AdaLoRA init: E zero (the model starts unchanged), P and Q small normal
+            nn.init.normal_(self.lora_A[name].weight, std=0.02)
+            nn.init.normal_(self.lora_B[name].weight, std=0.02)
+            self.lora_E[name] = nn.Parameter(torch.zeros(r, 1, device=device, dtype=dtype))
         if kind == "dora":
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(weight.float(), dim=1).to(dtype)
@@ -89,6 +97,8 @@ class LoraLinear(nn.Module):
         if kind == "dylora":
             b = min(self.serve_rank or self.rank(name), self.rank(name))
             return B[:, :b] @ A[:b] * self.scaling(name, b)
+        if kind == "adalora":
+            return B @ (A * self.lora_E[name].float()) * self.scaling(name)
         return B @ A * self.scaling(name)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,6 +114,8 @@ class LoraLinear(nn.Module):
         if kind == "dylora":
             b = self._dylora_rank(name)
             delta = F.linear(F.linear(h, A[:b]), B[:, :b]) * self.scaling(name, b)
+        elif kind == "adalora":
+            delta = F.linear(F.linear(h, A * self.lora_E[name]), B) * self.scaling(name)
         else:
             delta = F.linear(F.linear(h, A), B) * self.scaling(name)
         return out + delta.to(out.dtype)

@@ -3,7 +3,7 @@
 The method table (what each method makes trainable):
   full        every parameter
   freeze      the last `freeze_trainable_layers` blocks, or the modules matching `freeze_trainable`
-  lora/dora/dylora  LoraLinear around each targeted linear slot; only the adapter trains
+  lora/dora/dylora/adalora  LoraLinear around each targeted linear slot; only the adapter trains
   qlora       the targeted slots' weights become NF4 (double-quantised, frozen), LoRA around them
   adapter     bottleneck adapters after attention and MLP (houlsby) or after the MLP (pfeiffer)
   ia3         learned rescaling vectors on k_proj, v_proj and the MLP's down_proj input
@@ -85,7 +85,7 @@ def add_lora(model: Transformer, cfg: PeftConfig, adapter_name: str = DEFAULT_AD
     names = match_linear_slots(model, cfg.target_modules)
     for name in names:
         module = model.get_submodule(name)
-        _check_rank(name, module, cfg.r)
+        _check_rank(name, module, cfg.initial_rank)
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLinear):
@@ -93,7 +93,7 @@ def add_lora(model: Transformer, cfg: PeftConfig, adapter_name: str = DEFAULT_AD
                 raise LmstackError("lm_head is tied to the embeddings; leave it out of peft.target_modules")
             module = LoraLinear(module)
             _replace(model, name, module)
-        module.add_adapter(adapter_name, cfg.r, cfg.alpha, cfg.dropout, kind, cfg.use_rslora)
+        module.add_adapter(adapter_name, cfg.initial_rank, cfg.alpha, cfg.dropout, kind, cfg.use_rslora)
     return names
 
 

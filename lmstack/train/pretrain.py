@@ -314,6 +314,9 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return self.model(x, y, label_smoothing=self.cfg.label_smoothing)
 
+    def after_optimizer_step(self) -> None:
+        """Runs after each optimizer step while the gradients are still there (AdaLoRA's rank allocation)."""
+
     def _describe(self) -> str:
         """One line saying what is about to train: size, cost per token, batch, where and how."""
         cfg, m = self.cfg, self.cfg.model
@@ -350,6 +353,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         n = cfg.grad_accum

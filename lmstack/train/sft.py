@@ -46,6 +46,7 @@ DEFAULT_LR = {
     "dora": 2e-4,
     "qlora": 2e-4,
     "dylora": 2e-4,
+    "adalora": 2e-4,
     "adapter": 1e-3,
     "ia3": 3e-3,
     "prefix": 1e-3,
@@ -54,6 +55,7 @@ DEFAULT_LR = {
 }
 MODEL_METHODS = ("full", "freeze", "bitfit")  # train the model itself: the output is a model directory
 RESUME_TENSORS = "trainable.safetensors"
+ADALORA_STATE = "adalora_state.safetensors"  # the rank allocator's importance EMAs (exact resume)
 
 
 @dataclass
@@ -201,11 +203,17 @@ def prepare(cfg: SFTConfig) -> dict[str, Any]:
 class SFTTrainer(Trainer):
     cfg: SFTConfig
 
+    allocator: Any = None  # AdaLoRA's RankAllocator
+
     def check_data(self) -> None:
         require(len(self.data["train"]) > 0, "no training rows")
 
     def build_model(self, resume_from: Path | None) -> torch.nn.Module:
         model = self.data["model"]
+        if self.cfg.peft.method == "adalora":
+            from lmstack.peft.adalora import RankAllocator
+
+            self.allocator = RankAllocator(model, self.cfg.peft, self.cfg.max_steps)
         if resume_from is not None:
             _check_same_run(self.cfg, resume_from)
             from lmstack.model.io import load_weights, read_safetensors
@@ -219,6 +227,8 @@ class SFTTrainer(Trainer):
                     set(state) == names, f"{resume_from}: the saved adapter does not match this method's parameters"
                 )
                 model.load_state_dict(state, strict=False)
+            if self.allocator is not None:
+                self.allocator.load_state_dict(read_safetensors(resume_from / ADALORA_STATE))
         return model
 
     def build_batches(self) -> SFTBatches:
@@ -228,7 +238,16 @@ class SFTTrainer(Trainer):
     def forward_micro(self, step: int, micro: int) -> Any:
         batch = self.batches.get(step, micro)
         inputs, targets = batch["inputs"].to(self.device), batch["targets"].to(self.device)
-        return self.model(inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing)
+        out = self.model(inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing)
+        if self.allocator is not None:  # AdaLoRA keeps P and Q near-orthogonal
+            from lmstack.peft.adalora import orthogonal_penalty
+
+            out.loss = out.loss + self.cfg.peft.adalora_orth_reg * orthogonal_penalty(unwrap(self.model))
+        return out
+
+    def after_optimizer_step(self) -> None:
+        if self.allocator is not None:
+            self.allocator.step(self.step + 1)  # self.step counts the steps finished before this one
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -307,6 +326,9 @@ class SFTTrainer(Trainer):
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_path(directory / RESUME_TENSORS) as tmp:
             save_file(trainable, str(tmp))
+        if self.allocator is not None:
+            with atomic_path(directory / ADALORA_STATE) as tmp:
+                save_file({k: v.contiguous() for k, v in self.allocator.state_dict().items()}, str(tmp))
 
 
 def base_reference(ref: str) -> str:

@@ -18,7 +18,7 @@ def _adapted(method: str, seed: int = 3, **settings):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "dylora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "dylora", "qlora", "adalora"])
 def test_merge_gives_identical_outputs(method, batch):
     model = _adapted(method, use_rslora=method == "lora")
     with torch.no_grad():
@@ -138,3 +138,31 @@ def test_peft_library_adapter_loads_here(use_dora, tmp_path, batch):
         theirs = peft_model.eval()(input_ids=batch[0]).logits
         ours = model(batch[0]).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_adalora_prunes_to_budget_and_round_trips(tmp_path, batch):
+    """The allocator keeps exactly the final budget; the pruned adapter saves as a per-module-rank LORA
+    that the PEFT library and lmstack both load with the trained model's logits."""
+    from lmstack.peft.adalora import RankAllocator, orthogonal_penalty
+
+    peft = pytest.importorskip("peft")
+    model = _adapted("adalora", adalora_init_r=6, target_modules=["q_proj", "v_proj", "down_proj"]).train()
+    allocator = RankAllocator(model, model.peft_config, total_steps=4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 5):
+        loss = model(*batch).loss + 0.5 * orthogonal_penalty(model)
+        loss.backward()
+        optimizer.step()
+        allocator.step(step)
+        optimizer.zero_grad()
+    kept = allocator.kept_ranks()
+    assert sum(kept.values()) == 4 * len(kept) and len(set(kept.values())) > 1  # budget r=4/module, spread unevenly
+    model.eval()
+    save_adapter(model, tmp_path / "adapter", "base")
+    with torch.no_grad():
+        ours = model(batch[0]).logits
+        reloaded = load_adapter(tiny_model(), tmp_path / "adapter")(batch[0]).logits
+        hf = _hf_export(tiny_model(), tmp_path / "hf")
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=batch[0]).logits
+    torch.testing.assert_close(reloaded, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)

@@ -18,6 +18,7 @@ INTENDED = {
     "dora": (lambda n: ".lora_" in n, 1e-2),
     "dylora": (lambda n: ".lora_" in n, 1e-2),
     "qlora": (lambda n: ".lora_" in n, 1e-2),
+    "adalora": (lambda n: ".lora_" in n, 1e-2),
     "adapter": (lambda n: ".adapter_" in n, 1e-2),
     "ia3": (lambda n: ".ia3_l." in n, 1e-1),
     "prefix": (lambda n: n.startswith("peft_prompt."), 1e-2),
@@ -28,7 +29,9 @@ INTENDED = {
 
 
 def _settings(method: str) -> PeftConfig:
-    return PeftConfig(method=method, r=4, alpha=8, freeze_trainable_layers=1, num_virtual_tokens=4, adapter_size=8)
+    return PeftConfig(
+        method=method, r=4, alpha=8, freeze_trainable_layers=1, num_virtual_tokens=4, adapter_size=8, adalora_init_r=6
+    )
 
 
 @pytest.mark.parametrize("method", sorted(INTENDED))

@@ -1,7 +1,17 @@
 """Text files -> token shards (`lmstack.data.shards` describes the directory), what pretraining reads.
 
-Every document is followed by the eos id, so the model learns where documents end. The split is by
-document: a seeded hash of the document's index decides train or val, so reruns give the same split.
+Every document is followed by the eos id, so the model learns where documents end.
+
+The validation split holds about `val_fraction` of the text (counted in bytes), chosen by `plan_split`:
+  documents  when there are enough of them: a seeded hash of each document's index decides train or
+             val (reruns give the same split), used when it puts at least MIN_VAL_DOCUMENTS documents
+             and between half and twice the requested share of the bytes in val;
+  spans      otherwise (a folder of a few big files, one book, a few huge documents among small
+             ones): the last `val_fraction` of every document, cut at a line break near the cut, is
+             held out, so both splits see every source. Each piece is followed by the eos id.
+When neither gets close to the requested share (documents too short to cut) a warning says so. Bytes
+are counted for every split, so evaluation reports bits per byte on either.
+
 Inputs: every format `lmstack.data.files` reads (.txt/.md: a file is a document; .jsonl, .json, .csv,
 .parquet: records with a text field), and directories of them.
 """
@@ -15,6 +25,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +38,73 @@ from lmstack.errors import LmstackError
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils.io import atomic_write_text
 
+MIN_VAL_DOCUMENTS = 4  # fewer held-out documents than this is a split by luck, not by fraction
+
+
+@dataclass
+class SplitPlan:
+    """What goes where: the corpus as (text, split) pieces in order, how it was split, the val share."""
+
+    pieces: list[tuple[str, str]]
+    method: str  # "documents" | "spans" | "none" (val_fraction 0)
+    val_share: float  # fraction of the corpus's UTF-8 bytes in the val split
+    warning: str | None = None
+
 
 def _in_val(index: int, seed: int, fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _near(share: float, fraction: float) -> bool:
+    return fraction / 2 <= share <= 2 * fraction
+
+
+def plan_split(docs: list[str], val_fraction: float, seed: int) -> SplitPlan:
+    """Split by document when that lands near `val_fraction` of the bytes, else by spans inside documents."""
+    if val_fraction == 0:
+        return SplitPlan([(doc, "train") for doc in docs], "none", 0.0)
+    sizes = [len(doc.encode("utf-8")) for doc in docs]
+    total = sum(sizes)
+    in_val = [_in_val(i, seed, val_fraction) for i in range(len(docs))]
+    val_bytes = sum(size for size, v in zip(sizes, in_val, strict=True) if v)
+    if MIN_VAL_DOCUMENTS <= sum(in_val) < len(docs) and _near(val_bytes / total, val_fraction):
+        pieces = [(doc, "val" if v else "train") for doc, v in zip(docs, in_val, strict=True)]
+        return SplitPlan(pieces, "documents", val_bytes / total)
+    pieces = []
+    for doc in docs:
+        cut = _span_cut(doc, val_fraction)
+        pieces += [(part, split) for part, split in ((doc[:cut], "train"), (doc[cut:], "val")) if part]
+    val_bytes = sum(len(text.encode("utf-8")) for text, split in pieces if split == "val")
+    if val_bytes == 0:
+        raise LmstackError(
+            "too little text to hold out a validation split (every document is a single character); "
+            "give more text or pass --val-fraction 0"
+        )
+    plan = SplitPlan(pieces, "spans", val_bytes / total)
+    if not _near(plan.val_share, val_fraction):
+        plan.warning = (
+            f"the validation split holds {plan.val_share:.1%} of the text instead of the requested "
+            f"{val_fraction:.1%}: the documents are too short to cut near that fraction; give longer "
+            "documents or adjust --val-fraction"
+        )
+    return plan
+
+
+def _span_cut(text: str, val_fraction: float) -> int:
+    """Where the held-out tail of `text` starts: about `val_fraction` of it from the end, moved to the
+    nearest line break (else space) within a quarter of the tail's length, never empty on either side."""
+    if len(text) < 2:
+        return len(text)
+    target = min(max(1, round(len(text) * (1 - val_fraction))), len(text) - 1)
+    reach = max(1, (len(text) - target) // 4)
+    lo, hi = max(1, target - reach), min(len(text) - 1, target + reach)
+    for sep in ("\n", " "):
+        before, after = text.rfind(sep, lo, target + 1), text.find(sep, target, hi + 1)
+        candidates = [i + 1 for i in (before, after) if i != -1 and i + 1 < len(text)]
+        if candidates:
+            return min(candidates, key=lambda i: abs(i - target))
+    return target
 
 
 # Worker state for multi-process encoding: each process loads the tokenizer once.
@@ -83,27 +157,28 @@ def tokenize_corpus(
     docs = list(iter_documents(files, text_field))
     if not docs:
         raise LmstackError(f"no non-empty documents in {', '.join(map(str, inputs))}")
-    if val_fraction > 0 and len(docs) < 2:
-        docs = _split_single_document(docs[0], val_fraction)
-    index = 0
-    batches = _batched(iter(docs), 256)
-    bar = tqdm(total=len(docs), desc="tokenize", unit="doc", file=sys.stderr, disable=None)
+    plan = plan_split(docs, val_fraction, seed)
+    del docs
+    if plan.warning:
+        print(f"warning: {plan.warning}", file=sys.stderr)
+    texts = [text for text, _ in plan.pieces]
+    bar = tqdm(total=len(texts), desc="tokenize", unit="doc", file=sys.stderr, disable=None)
     pool = (
         ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) if workers > 1 else None
     )
     try:
+        batches = _batched(iter(texts), 256)
         encoded_batches = pool.map(_encode_chunk, batches) if pool else (tokenizer.encode_batch(b) for b in batches)
-        for batch_docs, batch_ids in zip(_batched(iter(docs), 256), encoded_batches, strict=True):
-            for text, ids in zip(batch_docs, batch_ids, strict=True):
-                split = "val" if val_fraction > 0 and _in_val(index, seed, val_fraction) else "train"
+        pieces = iter(plan.pieces)
+        for batch_ids in encoded_batches:
+            for ids in batch_ids:
+                text, split = next(pieces)
                 writers[split].add([*ids, tokenizer.eos_id], len(text.encode("utf-8")))
-                index += 1
-            bar.update(len(batch_docs))
+            bar.update(len(batch_ids))
     finally:
         bar.close()
         if pool:
             pool.shutdown()
-    _ensure_both_splits(writers, val_fraction)
     for w in writers.values():
         w.flush()
     shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
@@ -115,26 +190,13 @@ def tokenize_corpus(
         "bos_id": tokenizer.bos_id,
         "tokenizer": "tokenizer",
         "sources": [str(f) for f in files],
+        "split": {
+            "method": plan.method,
+            "val_fraction": val_fraction,
+            "val_share_of_bytes": round(plan.val_share, 6),
+            **({"warning": plan.warning} if plan.warning else {}),
+        },
         "splits": {split: w.summary() for split, w in writers.items()},
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
     return meta
-
-
-def _split_single_document(text: str, val_fraction: float) -> list[str]:
-    """One long document cannot be split by document; cut it at a line break near the end instead."""
-    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
-    cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
-    return [text[:cut], text[cut:]]
-
-
-def _ensure_both_splits(writers: dict[str, TokenShardWriter], val_fraction: float) -> None:
-    """With few documents the hash may put none in val (or train); move the last one over."""
-    train, val = writers["train"], writers["val"]
-    if val_fraction > 0 and val.documents == 0 and train.documents > 1:
-        last = train.pending.pop()
-        train.tokens -= last.size
-        train.documents -= 1
-        val.add(last.tolist(), 0)
-    if train.documents == 0:
-        raise LmstackError("every document landed in the validation split; lower --val-fraction")

@@ -29,7 +29,8 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     s = meta["splits"]
     print(
         f"tokenized: train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs, "
-        f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs -> {args.out}",
+        f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs "
+        f"(split: {meta['split']['method']}) -> {args.out}",
         file=sys.stderr,
     )
 

@@ -32,26 +32,27 @@ class AsyncEngine:
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def submit(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue the request now and return its output stream. Bad input and a full queue raise here,
+        before any token, so a server can answer with an error status instead of a started response."""
+        request_id = await self._call(self.engine.add_request, prompt, params, request_id)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._ensure_loop()
+        return RequestStream(self, request_id, queue)
+
     async def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as steps produce them; the last one has `finished=True`."""
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        request_id = await self._call(self.engine.add_request, prompt, params, request_id)
-        self._queues[request_id] = queue
-        self._ensure_loop()
-        finished = False
+        outputs = await self.submit(prompt, params, request_id)
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
+            async for item in outputs:
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            await outputs.aclose()
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -114,3 +115,33 @@ class AsyncEngine:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
+
+
+class RequestStream:
+    """One queued request's outputs (an async iterator); `aclose()` before the last output aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[RequestOutput | BaseException]):
+        self.request_id = request_id
+        self._engine, self._queue = engine, queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            await self.aclose()
+            raise item
+        if item.finished:
+            self._done = True
+            self._engine._queues.pop(self.request_id, None)
+        return item
+
+    async def aclose(self) -> None:
+        self._engine._queues.pop(self.request_id, None)
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)

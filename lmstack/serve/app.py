@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, bad_request, error_body, from_validation_error
@@ -153,23 +154,33 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_auth(app: FastAPI, state: ServerState) -> None:
-    if not state.api_key:
-        return
-    expected = f"Bearer {state.api_key}".encode()
+    if state.api_key:
+        app.add_middleware(_RequireKey, expected=f"Bearer {state.api_key}".encode())
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization")
+
+class _RequireKey:
+    """Bearer-key check for /v1 as plain ASGI middleware (Starlette's BaseHTTPMiddleware wraps `receive`
+    in a way that can end a streaming response early, which would abort its generation)."""
+
+    def __init__(self, app: ASGIApp, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization")
+            error = None
             if not given:
-                return APIError(
+                error = APIError(
                     401,
                     "You didn't provide an API key. Send it as the header `Authorization: Bearer YOUR_KEY`.",
                     code="missing_api_key",
-                ).response()
-            if not hmac.compare_digest(given.encode(), expected):
-                return APIError(401, "Incorrect API key provided.", code="invalid_api_key").response()
-        return await call_next(request)
+                )
+            elif not hmac.compare_digest(given, self.expected):
+                error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _parse(request: Request, model: type[M]) -> M:
@@ -203,6 +214,8 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
 
 
 def _route(state: ServerState, requested: str, user: str | None) -> tuple[ServedModel, str | None]:
+    if state.shutting_down:
+        raise engine_error(Shutdown())
     routed = state.router.route(requested, user)
     if routed is None:
         raise _unknown_model(requested)

@@ -22,9 +22,9 @@ from lmstack.engine import (
     LLMEngine,
     PromptTooLongError,
     QueueFullError,
-    RequestOutput,
     SamplingParams,
 )
+from lmstack.engine.async_engine import RequestStream
 from lmstack.engine.sampling import TokenLogprob
 from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, bad_request
@@ -95,6 +95,7 @@ class ServedModel:
         self.context = engine.model_cfg.max_seq_len
         self.vocab_size = engine.model_cfg.vocab_size
         self.async_engine = AsyncEngine(engine)
+        self.stopped = False
         self.embedder = DecoderEmbedder(name, engine.model, self.tokenizer, self.context)
 
     @classmethod
@@ -118,42 +119,38 @@ class ServedModel:
 
     async def stop(self) -> None:
         """Abort what still runs (its streams end with a 503 error event) and stop the stepping task."""
-        await self.async_engine.shutdown()
+        if not self.stopped:
+            self.stopped = True
+            await self.async_engine.shutdown()
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Queue the request and wait for its first output, so errors surface before any response is sent."""
-        outputs = self.async_engine.stream(prompt_ids, params)
+        """Queue the request (errors raise here, before any response is sent) and return its deltas."""
+        if self.stopped:
+            raise engine_error(Shutdown())
         try:
-            first = await outputs.__anext__()
-        except StopAsyncIteration:
-            raise Shutdown() from None
-        except BaseException as exc:
-            await outputs.aclose()
-            if isinstance(exc, Exception):
-                raise engine_error(exc) from None
-            raise
-        return _deltas(first, outputs)
+            outputs = await self.async_engine.submit(prompt_ids, params)
+        except (LmstackError, RuntimeError) as exc:  # RuntimeError: the engine's executor is shut down
+            raise engine_error(Shutdown() if self.stopped else exc) from None
+        return _deltas(outputs)
 
 
-async def _deltas(first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Delta]:
-    """RequestOutputs -> per-choice Deltas; closing this stream aborts the engine request."""
+async def _deltas(outputs: RequestStream) -> AsyncIterator[Delta]:
+    """RequestOutputs -> per-choice Deltas; closing this stream early aborts the engine request."""
     seen_logprobs: dict[int, int] = {}
     try:
-        out: RequestOutput | None = first
-        while out is not None:
+        async for out in outputs:
             for c in out.outputs:
+                if c.finish_reason == "abort":
+                    raise Shutdown()  # only the server's shutdown aborts a request another task is reading
                 if not (c.new_text or c.new_token_ids or c.finish_reason):
                     continue
                 logprobs: list[TokenLogprob] = []
                 if c.logprobs is not None:
                     start = seen_logprobs.get(c.index, 0)
                     logprobs, seen_logprobs[c.index] = c.logprobs[start:], len(c.logprobs)
-                if c.finish_reason == "abort":
-                    raise Shutdown()
                 yield Delta(c.index, c.new_text, list(c.new_token_ids), logprobs, c.finish_reason)
             if out.finished:
                 return
-            out = await anext(outputs, None)
         raise Shutdown()  # the engine stopped before the request finished
     finally:
         await outputs.aclose()

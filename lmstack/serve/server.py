@@ -10,6 +10,7 @@ requests (freeing their KV blocks) and the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -81,14 +82,39 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: FastAPI, options: ServeOptions, log_level: str = "info") -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        log_level=log_level,
-        timeout_graceful_shutdown=max(1, round(options.shutdown_timeout)),
-        timeout_keep_alive=30,
-        access_log=False,
-    )
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus a clean end for requests that outlive the grace period.
+
+    On SIGTERM/SIGINT uvicorn stops accepting connections and waits for open ones. `/health` turns
+    503 at once (load balancers stop routing here). After `grace` seconds the engines abort what
+    still runs: each stream ends with an error event and `[DONE]`, each blocking request gets a 503,
+    and their KV blocks are freed, so uvicorn never has to cut a connection mid-response.
+    """
+
+    def __init__(self, app: FastAPI, grace: float, log_level: str = "info"):
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            timeout_graceful_shutdown=round(grace) + 10,  # a backstop: the drain below ends requests first
+            timeout_keep_alive=30,
+            access_log=False,
+        )
+        super().__init__(config)
+        self.app_state = app.state.lmstack
+        self.grace = grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.app_state.shutting_down = True
+        drain = asyncio.ensure_future(self._end_requests_after(self.grace))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            drain.cancel()
+
+    async def _end_requests_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for model in self.app_state.models.values():
+            await model.stop()
 
 
 def serve(options: ServeOptions) -> None:
@@ -105,7 +131,7 @@ def serve(options: ServeOptions) -> None:
     )
     # uvicorn re-raises the signal it handled once it has shut down; a no-op handler lets us exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(_config(app, options)).run(sockets=[sock])
+    DrainingServer(app, options.shutdown_timeout).run(sockets=[sock])
     print("server stopped", file=sys.stderr)
 
 
@@ -113,7 +139,7 @@ def serve(options: ServeOptions) -> None:
 def running_server(app: FastAPI, host: str = "127.0.0.1", shutdown_timeout: float = 5.0) -> Iterator[str]:
     """Serve `app` from a background thread on a free port; yields the base URL (tests, benchmarks)."""
     sock = _bind(host, 0)
-    server = uvicorn.Server(_config(app, ServeOptions([], [], shutdown_timeout=shutdown_timeout), "warning"))
+    server = DrainingServer(app, shutdown_timeout, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

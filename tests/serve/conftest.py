@@ -11,7 +11,7 @@ from lmstack.model.io import save_model_dir
 from lmstack.tokenizer import Tokenizer
 
 
-def save_tiny_model(tokenizer_dir, out, seed: int, max_seq_len: int = 256) -> str:
+def save_tiny_model(tokenizer_dir, out, seed: int, max_seq_len: int = 1024) -> str:
     tok = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(seed)
     cfg = model_config("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=64, d_ff=None, max_seq_len=max_seq_len)

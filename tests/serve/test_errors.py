@@ -1,0 +1,184 @@
+"""Bad input gets a clear OpenAI-style error and never a 500; the server keeps serving the others."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def post(url: str, body: bytes | dict, path: str = "/v1/chat/completions", key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, dict):
+        return httpx.post(url + path, json=body, headers=headers, timeout=60)
+    return httpx.post(url + path, content=body, headers={"Content-Type": "application/json", **headers}, timeout=60)
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"model": "tiny-a", "messages": [', "could not parse the JSON"),
+        (b'{"model": "tiny-a", "messages": [{"role": "user", "content": "caf\xe9"}]}', "valid UTF-8"),
+        (b'{"model": "tiny-a", "messages": [{"role": "user", "content": "\\ud800"}]}', "could not parse"),
+        (b"", "could not parse"),
+        ({"model": "tiny-a", "messages": HELLO, "max_tokens": -1}, "greater than or equal to 1"),
+        ({"model": "tiny-a", "messages": HELLO, "temperature": "warm"}, "valid number"),
+        ({"model": "tiny-a", "messages": HELLO, "n": 1.5}, "valid integer"),
+        ({"model": "tiny-a", "messages": HELLO, "best_of": 2}, "Unrecognized request argument supplied: best_of"),
+        ({"model": "tiny-a", "messages": "hi"}, "messages"),
+        ({"model": "tiny-a", "messages": []}, "at least 1 item"),
+        ({"model": "tiny-a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
+        ({"model": "tiny-a", "messages": HELLO, "top_p": 0}, "greater than 0"),
+    ],
+)
+def test_bad_chat_bodies(server, body, words):
+    error = error_of(post(server[0], body), 400)
+    assert error["type"] == "invalid_request_error" and words in error["message"]
+
+
+def test_bad_completion_and_embedding_bodies(server):
+    url = server[0]
+    assert (
+        "outside the vocabulary"
+        in error_of(post(url, {"model": "tiny-a", "prompt": [1, 10**9]}, "/v1/completions"), 400)["message"]
+    )
+    assert (
+        "suffix"
+        in error_of(post(url, {"model": "tiny-a", "prompt": "a", "suffix": "b"}, "/v1/completions"), 400)["message"]
+    )
+    assert error_of(post(url, {"model": "tiny-a", "input": []}, "/v1/embeddings"), 400)["param"] == "input"
+    assert "empty" in error_of(post(url, {"model": "tiny-a", "input": [""]}, "/v1/embeddings"), 400)["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert info.value.code == "model_not_found" and "GET /v1/models" in info.value.message
+
+
+def test_prompt_over_context(server, client):
+    long_text = "word " * 3000
+    error = error_of(post(server[0], {"model": "tiny-a", "messages": [{"role": "user", "content": long_text}]}), 413)
+    assert error["code"] == "context_length_exceeded" and "1024" in error["message"]
+    error = error_of(post(server[0], {"model": "tiny-a", "prompt": long_text}, "/v1/completions"), 413)
+    assert error["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="Reduce the length"):
+        client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=5000)
+
+
+def test_malformed_json_schema(client):
+    with pytest.raises(openai.BadRequestError, match="json_schema could not be compiled"):
+        client.chat.completions.create(
+            model="tiny-a",
+            messages=HELLO,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="tiny-a", messages=HELLO, response_format={"type": "json_schema"})
+
+
+def test_unknown_paths_and_methods(server):
+    assert error_of(httpx.get(server[0] + "/v2/nothing"), 404)["type"] == "not_found_error"
+    assert httpx.get(server[0] + "/v1/chat/completions").status_code == 405
+
+
+@pytest.mark.slow
+def test_thousand_requests_at_once(server, client):
+    """1,000 simultaneous requests: each is served or told 429 (queue full); nothing else, and the server lives."""
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server[0], limits=limits, timeout=300) as http:
+            body = {"model": "tiny-a", "messages": HELLO, "max_tokens": 2}
+            responses = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(1000)))
+        for r in responses:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        return [r.status_code for r in responses]
+
+    statuses = Counter(asyncio.run(burst()))
+    assert set(statuses) <= {200, 429} and statuses[200] >= 64 and statuses[429] > 0, statuses
+    assert client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=3).usage.completion_tokens > 0
+    engine = server[1].state.lmstack.models["tiny-a"].engine
+    assert not engine.has_unfinished()
+
+
+def wait_until_idle(engine, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while (engine.has_unfinished() or engine.stats().kv_usage > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_unfinished() and engine.stats().kv_usage == 0
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    engine = server[1].state.lmstack.models["tiny-b"].engine
+    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.has_unfinished() and engine.stats().kv_usage > 0
+    wait_until_idle(engine)  # the stream was closed after one chunk: the request was aborted
+    # The same for a blocking request whose client gives up.
+    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=0.5)
+    wait_until_idle(engine)
+    metrics = httpx.get(server[0] + "/metrics").text
+    assert 'lmstack_requests_total{endpoint="chat",experiment="none",model="tiny-b",status="499"}' in metrics
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_a):
+    """A key-protected server that runs one sequence at a time and queues one more."""
+    from lmstack.serve import ServeOptions, build_app, running_server
+    from lmstack.serve.generation import EngineSettings
+
+    engine = EngineSettings(kv_cache_mb=4, max_num_seqs=1, max_queue=1)
+    app = build_app(ServeOptions(models=[f"tiny={tiny_a}"], ab=[], api_key="s3cret", engine=engine))
+    with running_server(app) as url:
+        yield url
+
+
+def test_queue_full_is_429(keyed_server):
+    url = keyed_server
+    auth = {"Authorization": "Bearer s3cret"}
+    long = {"model": "tiny", "messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=long, headers=auth, timeout=60) as running:
+        lines = running.iter_lines()  # kept: dropping the iterator would close the stream (and abort it)
+        next(lines)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=long, headers=auth, timeout=60) as queued:
+            time.sleep(0.5)  # let it reach the engine's queue (it waits there: one sequence at a time)
+            error = error_of(post(url, {"model": "tiny", "messages": HELLO, "max_tokens": 2}, key="s3cret"), 429)
+            assert error["type"] == "rate_limit_error" and "queue is full" in error["message"]
+            assert queued.status_code == 200
+    ok = post(url, {"model": "tiny", "messages": HELLO, "max_tokens": 2}, key="s3cret")
+    assert ok.status_code == 200  # closing the streams aborted both; the server serves again
+
+
+def test_api_key(keyed_server):
+    url = keyed_server
+    assert error_of(httpx.get(url + "/v1/models"), 401)["code"] == "missing_api_key"
+    wrong = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
+    assert error_of(wrong, 401)["code"] == "invalid_api_key"
+    assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+    assert ok.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices[0].message.role == "assistant"
+    # Bad input behind the key is still a 400, not a 401 or 500.
+    bad = post(url, b"{", key="s3cret")
+    assert json.loads(bad.text)["error"]["code"] == "invalid_json"

@@ -171,9 +171,12 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from lmstack.quickstart import quickstart
+    from lmstack.quickstart import quickstart, quickstart_finetune
 
-    quickstart(args.out, minutes=args.minutes, threads=args.threads)
+    if args.finetune:
+        quickstart_finetune(args.out or "runs/quickstart-finetune", minutes=args.minutes, threads=args.threads)
+        return
+    quickstart(args.out or "runs/quickstart", minutes=args.minutes, threads=args.threads)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -362,9 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # quickstart
     p = command("quickstart", _quickstart, "train a tokenizer and a tiny model on built-in text, then sample")
-    p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
+    p.add_argument("--out", default=None, help="default: runs/quickstart (runs/quickstart-finetune with --finetune)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="instead: LoRA-fine-tune smollm2-135m-instruct on the shipped instruction set, answers before/after",
+    )
 
     # convert / inspect
     p = command("convert", _convert, "export a model to Hugging Face safetensors or GGUF")

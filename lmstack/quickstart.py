@@ -95,3 +95,97 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, thread
     )
     summary["elapsed_s"] = elapsed
     return summary
+
+
+# --- quickstart --finetune: LoRA on a real chat model -------------------------------------------------
+
+FINETUNE_BASE = "smollm2-135m-instruct"
+# Held out: none of these questions is in the demo set; they ask the same kinds of things in both languages.
+HELD_OUT_PROMPTS = [
+    "What is the capital of Ireland?",
+    "“星星”用英语怎么说？",
+    "What is the opposite of 'wet'?",
+    "What is 23 plus 45?",
+    "“胖”的反义词是什么？",
+]
+
+
+def _answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    from lmstack.engine.generate import SamplingParams, generate_tokens
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        new = list(generate_tokens(model, ids, params, stop_ids=tokenizer.stop_ids))
+        out.append(tokenizer.decode(new, skip_special_tokens=True).strip().replace("\n", " "))
+    return out
+
+
+def quickstart_finetune(
+    out: str | Path = "runs/quickstart-finetune", minutes: float = 4.0, threads: int = 0, max_steps: int = 60
+) -> dict:
+    """LoRA-fine-tune SmolLM2-135M-Instruct on the shipped instruction set; print answers before and after.
+
+    The demo set answers in one house style (the answer first, then one short reason, in the question's
+    language); the held-out prompts show the adapter picked the style up for questions it never saw.
+    """
+    import torch
+
+    from lmstack.data.demo import INSTRUCTIONS
+    from lmstack.hub import load_model
+    from lmstack.train.sft import finetune, load_sft_config
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    started = time.time()
+    out = Path(out)
+    if out.exists():  # a rerun starts a fresh run rather than resuming an old one
+        shutil.rmtree(out)
+    _say(f"1/3 answers of {FINETUNE_BASE} before fine-tuning (greedy):")
+    base, tokenizer = load_model(FINETUNE_BASE)
+    before = _answers(base, tokenizer, HELD_OUT_PROMPTS)
+    for prompt, answer in zip(HELD_OUT_PROMPTS, before, strict=True):
+        print(f"  {prompt}\n    -> {answer}", file=sys.stderr)
+    del base
+    cfg = load_sft_config(
+        None,
+        [
+            f"base_model={FINETUNE_BASE}",
+            f"data={INSTRUCTIONS}",
+            f"out={out}",
+            "peft.method=lora",
+            "peft.r=16",
+            "peft.alpha=32",
+            f"max_steps={max_steps}",
+            f"max_minutes={minutes}",
+            "batch_size=4",
+            "seq_len=256",
+            "lr=1e-3",
+            "warmup_steps=5",
+            "eval_every=20",
+            "save_every=0",
+            f"threads={threads}",
+        ],
+    )
+    _say(f"2/3 LoRA fine-tuning on {INSTRUCTIONS.name} for up to {max_steps} steps / {minutes:g} minutes")
+    summary = finetune(cfg)
+    _say("3/3 answers of the fine-tuned model on the same held-out prompts:")
+    model, tokenizer = load_model(out)
+    after = _answers(model, tokenizer, HELD_OUT_PROMPTS)
+    for prompt, old, new in zip(HELD_OUT_PROMPTS, before, after, strict=True):
+        print(f"  {prompt}\n    before -> {old}\n    after  -> {new}", file=sys.stderr)
+    _say(f"done in {(time.time() - started) / 60:.1f} min; held-out loss {summary['val_loss']:.3f}")
+    print(
+        "\n".join(
+            [
+                f"  adapter    : {out / 'checkpoint'}   (PEFT format: adapter_config.json + adapter_model.safetensors)",
+                f"  report     : {out / 'report.html'}",
+                "next:",
+                f"  lmstack chat --model {out}",
+                f"  lmstack merge --model {out} --out {out}-merged",
+            ]
+        ),
+        file=sys.stderr,
+    )
+    return {**summary, "before": before, "after": after, "prompts": HELD_OUT_PROMPTS}

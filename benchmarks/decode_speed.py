@@ -1,0 +1,193 @@
+"""Single-stream decode speed on SmolLM2-135M-Instruct: lmstack vs transformers `generate()` vs llama.cpp.
+
+Run:  python benchmarks/decode_speed.py [--model smollm2-135m-instruct] [--tokens 64] [--rounds 5] [--threads 2]
+
+Every row decodes the same chat prompt greedily for --tokens new tokens (eos ignored) and records the
+time at which each token arrives, so decode speed is measured directly from the first generated token
+to the last (never "total minus prefill"): lmstack through `generate_tokens`, transformers through a
+streamer passed to `generate()`, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF) through its
+token generator. Rounds are interleaved (row 1, row 2, ... then again), so load from other processes
+hits every row alike; the table shows the median over rounds and the ratio to transformers measured
+in this same run. Compare ratios, not absolute figures, across machines and runs.
+
+Other rows (quantized lmstack against llama.cpp Q8_0/Q4_1, say) are one function each: append a
+`Row(name, setup)` to `ROWS`, where `setup(ctx)` loads once and returns a callable that decodes and
+returns the per-token arrival times. Missing optional peers print as "not installed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+PROMPT = "Write a short paragraph about why the sky is blue."
+
+Decode = Callable[[], list[float]]  # one run: perf_counter() at the arrival of each generated token
+
+
+@dataclass
+class Context:
+    model_ref: str
+    tokens: int
+    threads: int
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    name: str
+    setup: Callable[[Context], Decode | None]  # None: the peer is not installed
+
+
+def _lmstack(compile_step: bool) -> Callable[[Context], Decode]:
+    def setup(ctx: Context) -> Decode:
+        from lmstack.engine.generate import SamplingParams, generate_tokens
+        from lmstack.hub import load_model
+        from lmstack.model.transformer import fuse_for_inference
+
+        model, _ = load_model(ctx.model_ref)
+        model = fuse_for_inference(model.eval())
+        params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
+        if compile_step:
+            model.compile_decode_step()
+
+        def run() -> list[float]:
+            return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+
+        run()  # warm-up (and compilation)
+        return run
+
+    return setup
+
+
+def _transformers(ctx: Context) -> Decode | None:
+    try:
+        import transformers
+        from transformers.generation.streamers import BaseStreamer
+    except ImportError:
+        return None
+    from lmstack.hub import resolve
+
+    _, path = resolve(ctx.model_ref)
+    if str(path).endswith(".gguf"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+            self.calls = 0
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls > 1:  # the first put is the prompt
+                self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([ctx.prompt_ids])
+
+    def run() -> list[float]:
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                max_new_tokens=ctx.tokens,
+                min_new_tokens=ctx.tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                streamer=clock,
+            )
+        return clock.times
+
+    run()
+    return run
+
+
+def _llama_cpp(ctx: Context) -> Decode | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from lmstack.hub import resolve
+
+    _, path = resolve(ctx.model_ref)
+    if not str(path).endswith(".gguf"):
+        return None
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=ctx.threads, n_ctx=1024, verbose=False)
+
+    def run() -> list[float]:
+        times = []
+        for _ in llm.generate(ctx.prompt_ids, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == ctx.tokens:
+                break
+        return times
+
+    run()
+    return run
+
+
+ROWS: list[Row] = [
+    Row("transformers fp32 generate()", _transformers),
+    Row("lmstack fp32", _lmstack(compile_step=False)),
+    Row("llama.cpp Q4_1 (GGUF)", _llama_cpp),
+]
+PEER = "transformers fp32 generate()"  # the ratio column is relative to this row
+
+
+def decode_rate(times: list[float]) -> float:
+    """Tokens per second between the first and the last generated token."""
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from lmstack.hub import load_model
+
+    _, tokenizer = load_model(args.model)
+    ctx = Context(args.model, args.tokens, args.threads)
+    ctx.prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+
+    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
+    runners: dict[str, Decode] = {}
+    for row in rows:
+        runner = row.setup(ctx)
+        if runner is None:
+            print(f"{row.name}: not installed, skipped")
+        else:
+            runners[row.name] = runner
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            rates[name].append(decode_rate(runner()))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    peer = medians.get(PEER)
+    print(f"\nsingle-stream decode, {args.tokens} tokens, {args.threads} threads, median of {args.rounds} rounds")
+    print(f"{'row':34s} {'tok/s':>8s} {'min-max':>13s} {'vs peer':>8s}")
+    for name, rate in medians.items():
+        ratio = f"{rate / peer:.2f}x" if peer else "-"
+        spread = f"{min(rates[name]):.1f}-{max(rates[name]):.1f}"
+        print(f"{name:34s} {rate:8.1f} {spread:>13s} {ratio:>8s}")
+
+
+if __name__ == "__main__":
+    main()

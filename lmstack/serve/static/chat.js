@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const history = []; // the conversation sent with every turn: [{role, content}]
+const conversation = []; // sent with every turn: [{role, content}]
 let controller = null; // AbortController of the reply being streamed
 
 $("api_key").value = localStorage.getItem("lmstack_api_key") || "";
@@ -71,7 +71,7 @@ function numberOr(id, fallback) {
 
 function requestBody() {
   const system = $("system").value.trim();
-  const messages = system ? [{ role: "system", content: system }, ...history] : [...history];
+  const messages = system ? [{ role: "system", content: system }, ...conversation] : [...conversation];
   const body = {
     model: $("model").value,
     messages,
@@ -124,7 +124,7 @@ function showStats(tokens, firstAt, endAt, startAt, final) {
 }
 
 async function send(text) {
-  history.push({ role: "user", content: text });
+  conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const div = addMessage("assistant", "");
   div.classList.add("streaming");
@@ -172,8 +172,8 @@ async function send(text) {
     controller = null;
     setBusy(false);
   }
-  if (reply) history.push({ role: "assistant", content: reply });
-  else history.pop(); // nothing came back: let the user edit and resend the message
+  if (reply) conversation.push({ role: "assistant", content: reply });
+  else conversation.pop(); // nothing came back: let the user edit and resend the message
 }
 
 $("composer").addEventListener("submit", (event) => {
@@ -196,7 +196,7 @@ $("stop").addEventListener("click", () => {
 });
 
 $("reset").addEventListener("click", () => {
-  history.length = 0;
+  conversation.length = 0;
   $("messages").textContent = "";
   $("stats").textContent = "";
 });

@@ -55,6 +55,13 @@ def _arch_line(cfg: ModelConfig) -> str:
 def describe_model(ref: str | Path) -> dict[str, Any]:
     """Facts about a model reference as a dict (what `inspect_model` prints)."""
     kind, path = resolve(ref)
+    if kind == "adapter":  # the base's facts plus what the adapter is
+        from lmstack.peft.io import adapter_base, read_adapter_config
+
+        config, extra = read_adapter_config(path)
+        base = adapter_base(path)
+        adapter = {"peft_type": config.get("peft_type"), "method": extra.get("peft", {}).get("method"), "base": base}
+        return {**describe_model(base), "reference": str(ref), "format": kind, "path": str(path), "adapter": adapter}
     info: dict[str, Any] = {"reference": str(ref), "format": kind, "path": str(path)}
     tokenizer = None
     if kind == "gguf":

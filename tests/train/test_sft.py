@@ -92,6 +92,7 @@ def test_lora_finetune_learns_and_is_a_model_reference(base_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)
     assert main(["generate", "--model", str(out), "--prompt", "hi", "--chat", "--max-new-tokens", "4"]) == 0
+    assert main(["inspect", "--model", str(out)]) == 0
 
 
 def test_lora_resume_is_exact(base_dir, tmp_path):
@@ -139,3 +140,19 @@ def test_cli_bad_data_is_one_line(base_dir, tmp_path, capsys):
     code = main(["finetune", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and f"{data}:2" in err[-1] and "'output'" in err[-1]
+
+
+@pytest.mark.slow
+def test_lora_ddp_two_processes(base_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = ["finetune", "--model", str(base_dir), "--data", str(INSTRUCTIONS), "--out", str(out)]
+    args += ["--nproc-per-node", "2", "--set", "max_steps=2", "--set", "seq_len=128", "--set", "batch_size=2"]
+    args += ["--set", "eval_every=2", "--set", "tensorboard=false", "--set", "threads=1"]
+    assert main(args) == 0
+    assert resolve(out)[0] == "adapter"
+
+
+def test_fsdp_with_an_adapter_method_is_refused(base_dir, tmp_path, capsys):
+    args = ["finetune", "--model", str(base_dir), "--data", str(INSTRUCTIONS), "--out", str(tmp_path / "o")]
+    assert main([*args, "--nproc-per-node", "2", "--set", "parallel=fsdp"]) == 2
+    assert "adapter method 'lora' trains with DDP" in capsys.readouterr().err

@@ -93,6 +93,10 @@ def test_lora_finetune_learns_and_is_a_model_reference(base_dir, tmp_path):
         torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)
     assert main(["generate", "--model", str(out), "--prompt", "hi", "--chat", "--max-new-tokens", "4"]) == 0
     assert main(["inspect", "--model", str(out)]) == 0
+    assert main(["convert", "--model", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0  # merged
+    exported, _ = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_lora_resume_is_exact(base_dir, tmp_path):

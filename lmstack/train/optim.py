@@ -38,14 +38,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# Devices with a fused AdamW kernel: the whole update of a parameter in one pass over its memory.
+# On CPU, PyTorch's default is the per-tensor loop (no foreach kernels there): about a dozen
+# elementwise ops per parameter tensor. The fused kernel measured 4-6x faster on the tiny models
+# (1.3M parameters, 2 cores) and matches the loop to ~4e-7 after 10 steps.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`. The fused kernel on CUDA; the foreach kernel elsewhere."""
+    """AdamW over `param_groups`: the fused kernel on CPU and CUDA, PyTorch's default elsewhere."""
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=device.type == "cuda" or None,
+        fused=device.type in FUSED_ADAMW_DEVICES or None,
     )
 
 

@@ -73,6 +73,24 @@ def test_no_decay_on_norms_biases_embeddings(preset):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
+def test_cpu_optimizer_is_fused_adamw_matching_the_reference_loop():
+    torch.manual_seed(0)
+    models = [Transformer(model_config("tiny", vocab_size=256, n_layer=2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(models[0], cfg, torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(param_groups(models[1], 0.1), lr=1e-2, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    tokens = torch.randint(0, 256, (4, 33))
+    for _ in range(5):
+        for model, opt in zip(models, (fused, loop), strict=True):
+            model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # fp32 rounding order differs
+
+
 def _train_losses(tmp_path, data, *extra: str) -> list[float]:
 
     from lmstack.train.pretrain import pretrain

@@ -71,3 +71,30 @@ def test_gptq_refuses_quantized_models_and_groups_that_do_not_divide():
 def test_too_small_calibration_text_is_a_clear_error():
     with pytest.raises(LmstackError, match=r"calib.txt has \d+ tokens but calibration needs 8,192"):
         calibration_tokens(tiny_tokenizer(), ["a short text"], 32, 256, source="calib.txt")
+
+
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow), "w8a8"])
+def test_calibrated_quantize_cli_round_trips_through_the_quantized_model_dir(tmp_path, method):
+    from lmstack.cli import main
+    from lmstack.hub import load_model
+    from lmstack.model.io import save_model_dir
+
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=128)
+    save_model_dir(model, tmp_path / "m", tok)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(["The harbour town woke slowly on winter mornings."] * 300), encoding="utf-8")
+    out = tmp_path / method
+    argv = ["quantize", "--model", str(tmp_path / "m"), "--method", method, "--out", str(out), "--calib", str(calib)]
+    assert main([*argv, "--calib-samples", "4", "--calib-seq-len", "64"]) == 0
+    loaded, _ = load_model(out)
+    expected = {"gptq": Int4Linear, "awq": Int4Linear}.get(method)
+    if expected is not None:
+        assert isinstance(loaded.layers[0].attn.q_proj, expected)
+    else:
+        assert type(loaded.layers[0].attn.q_proj).__name__ == "W8A8Linear"
+    data = torch.randint(tok.vocab_size, (2, 16))
+    with torch.no_grad():
+        float_logits, quant_logits = model(data).logits, loaded(data).logits
+    assert torch.nn.functional.cosine_similarity(float_logits.flatten(), quant_logits.flatten(), dim=0) > 0.98
+    assert main(["quantize", "--model", str(out), "--method", method, "--out", str(tmp_path / "again")]) == 2

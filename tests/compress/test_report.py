@@ -13,6 +13,7 @@ from lmstack.model.io import save_model_dir
 from tests.eval.tiny import tiny_model, tiny_tokenizer
 
 
+@pytest.mark.slow
 def test_report_builds_measures_and_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMSTACK_KERNELS", "torch")  # no kernel build inside the test's subprocesses
     tok = tiny_tokenizer()

@@ -1,7 +1,7 @@
 """Whole models: quantize the linear slots, save a quantized model directory, load it back packed.
 
     from lmstack.compress.model import quantize_model, save_quantized, load_quantized_dir
-    model = quantize_model(model, "int4", group_size=32)   # layers int4, lm_head int8 per channel
+    model = quantize_model(model, "int4", group_size=32)   # layers int4, lm_head int8 (Q8_0)
     save_quantized(model, "out/", tokenizer)               # model.safetensors + config.json with "quantization"
     model, tok = load_quantized_dir("out/")                # or hub.load_model("out/"): packed, never fp32
 
@@ -9,8 +9,8 @@ A quantized model directory is an lmstack model directory whose config.json has 
 `{"method": ..., "modules": {slot name: {its config(), in_features, out_features}}, "embedding": ...}`.
 Every linear slot of every block (q/k/v/o, gate/up/down, MoE experts; not the MoE router, which is tiny)
 is quantized with the chosen method. The output head (`lm_head`, 28% of SmolLM2's weights) is quantized
-to int8 per channel whatever the method, as llama.cpp keeps its output matrix in 8 bits or more: it
-decides every token. When the head is tied to the embeddings, the embedding table becomes a
+to int8 in groups of 32 (GGUF Q8_0) whatever the method, as llama.cpp keeps its output matrix in 8 bits
+or more: it decides every token. When the head is tied to the embeddings, the embedding table becomes a
 `QuantizedEmbedding` that looks rows up in the head's packed weight ("embedding": "lm_head"), so the
 table is stored and held once, quantized.
 """
@@ -126,13 +126,15 @@ def quantize_model(
 
 
 def quantize_head(model: Transformer) -> None:
-    """lm_head -> int8 per channel; a tied embedding table then reads the same packed rows."""
+    """lm_head -> int8 per 32 columns (GGUF Q8_0, so exports carry it unchanged; per channel when the
+    width is not a multiple of 32); a tied embedding table then reads the same packed rows."""
     from lmstack.compress.int8 import Int8Linear
 
     if isinstance(model.lm_head, QuantizedLinear):
         return
     dtype = model.tok_emb.weight.dtype
-    model.lm_head = Int8Linear.from_float(model.lm_head)
+    group = 32 if model.lm_head.in_features % 32 == 0 else None
+    model.lm_head = Int8Linear.from_float(model.lm_head, group)
     if model.cfg.tie_embeddings:
         model.tok_emb = QuantizedEmbedding(model.lm_head, dtype)
 

@@ -7,7 +7,7 @@
 Methods: int8 (per channel, or per --group-size columns), int4 (group-wise round-to-nearest, symmetric
 like Q4_0 or --asymmetric like Q4_1), nf4 (QLoRA's 4-bit NormalFloat, double-quantized scales), and the
 calibrated gptq / awq (int4 or --bits 8) and w8a8 (SmoothQuant, dynamic int8 activations). The output
-head is int8 per channel for every method. The directory is a model reference that generate, chat,
+head is int8 in groups of 32 (Q8_0) for every method. The directory is a model reference that generate, chat,
 serve, eval and convert accept as it is.
 """
 

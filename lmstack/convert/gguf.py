@@ -41,7 +41,7 @@ from lmstack.utils.config_loader import build_dataclass
 from lmstack.utils.io import atomic_path
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
-EXPORT_DTYPES = ("f32", "f16", "q8_0")
+EXPORT_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -276,7 +276,10 @@ def export_arch(cfg: ModelConfig, where: str = "GGUF export") -> str:
 def save_gguf(
     model: Transformer, tokenizer: Tokenizer | None, out: str | Path, dtype: str | None = None, name: str = ""
 ) -> Path:
-    """Write a GGUF that llama.cpp runs: metadata, tokenizer, chat template and F32/F16/Q8_0 tensors."""
+    """Write a GGUF that llama.cpp runs: metadata, tokenizer, chat template and F32/F16/Q8_0/Q4_0/Q4_1 tensors.
+
+    Quantized models (lmstack.compress) write their Q8_0/Q4_0/Q4_1-shaped layers as those blocks, unchanged.
+    """
     dtype = (dtype or "f16").lower()
     if dtype not in EXPORT_DTYPES:
         raise LmstackError(f"--dtype {dtype!r} is not a GGUF export type; choose one of {', '.join(EXPORT_DTYPES)}")
@@ -292,11 +295,15 @@ def save_gguf(
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
     }[dtype]
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
     }[dtype]
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -325,8 +332,8 @@ def save_gguf(
             if cfg.moe_d_ff and cfg.moe_d_ff != cfg.d_ff:
                 writer.add_expert_feed_forward_length(cfg.moe_d_ff)
         write_gguf_tokenizer(writer, tokenizer, cfg.vocab_size)
-        for gname, tensor in _export_tensors(model, arch):
-            data, raw = _encode(tensor, qtype)
+        for gname, tensor, tensor_type in _export_tensors(model, arch, qtype):
+            data, raw = _encode(tensor, tensor_type or qtype)
             writer.add_tensor(gname, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -335,23 +342,36 @@ def save_gguf(
     return out
 
 
+_BLOCK_TYPES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+
+
 def _encode(t: torch.Tensor, qtype) -> tuple[np.ndarray, Any]:
-    """1-D tensors stay F32 (llama.cpp's rule); rows not a multiple of 32 fall back from Q8_0 to F16."""
+    """1-D tensors stay F32 (llama.cpp's rule); rows not a multiple of 32 fall back from blocks to F16.
+
+    A uint8 tensor is already encoded blocks of `qtype` (a quantized model's layer) and is written as is.
+    """
+    if t.dtype == torch.uint8:
+        return t.detach().to("cpu").contiguous().numpy(), qtype
     arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
     if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         return arr, gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32 == 0:
+    if qtype in _BLOCK_TYPES and arr.shape[-1] % 32 == 0:
         return gguf.quants.quantize(arr, qtype), qtype
     return arr.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-def _export_tensors(model: Transformer, arch: str):
+def _export_tensors(model: Transformer, arch: str, qtype):
+    """Yield (GGUF name, tensor, its own GGUF type or None for the file's type)."""
+    from lmstack.compress.gguf_export import gguf_export_state
+
     cfg = model.cfg
-    state = {k: v for k, v in model.state_dict().items()}
+    state, own_types = gguf_export_state(model, qtype.name)  # plain models: their state dict as it is
+    types = {name: gguf.GGMLQuantizationType[t] for name, t in own_types.items()}
     for ours, theirs in _global_names(cfg).items():
-        yield theirs, state[ours]
+        yield theirs, state[ours], types.get(ours)
     if arch == "gpt2" and cfg.tie_embeddings:
-        yield "output.weight", state["tok_emb.weight"]  # llama.cpp's gpt2 graph reads its head from here
+        # llama.cpp's gpt2 graph reads its head from here
+        yield "output.weight", state["tok_emb.weight"], types.get("tok_emb.weight")
     for i in range(cfg.n_layer):
         names = _layer_names(cfg, arch, i)
         if arch == "gpt2" and not cfg.bias:  # the gpt2 graph expects biases: write zeros
@@ -368,23 +388,28 @@ def _export_tensors(model: Transformer, arch: str):
                 w = _permute_qk(w, cfg.n_head)
             elif arch == "llama" and ours.endswith(("k_proj.weight", "k_proj.bias")):
                 w = _permute_qk(w, cfg.n_kv_head)
-            yield theirs, w
+            yield theirs, w, types.get(ours)
         p = f"layers.{i}"
         if arch == "gpt2":
-            ws = [state[f"{p}.attn.{x}_proj.weight"] for x in "qkv"]
+            ws = [_float(state[f"{p}.attn.{x}_proj.weight"], types.get(f"{p}.attn.{x}_proj.weight")) for x in "qkv"]
             bs = [state.get(f"{p}.attn.{x}_proj.bias", torch.zeros(w.shape[0])) for x, w in zip("qkv", ws, strict=True)]
-            yield f"blk.{i}.attn_qkv.weight", torch.cat(ws)
-            yield f"blk.{i}.attn_qkv.bias", torch.cat(bs)
+            yield f"blk.{i}.attn_qkv.weight", torch.cat(ws), None
+            yield f"blk.{i}.attn_qkv.bias", torch.cat(bs), None
         if cfg.is_moe:
             for ffn, g in (
                 ("gate_proj", "ffn_gate_exps"),
                 ("up_proj", "ffn_up_exps"),
                 ("down_proj", "ffn_down_exps"),
             ):
-                yield (
-                    f"blk.{i}.{g}.weight",
-                    torch.stack([state[f"{p}.ffn.experts.{e}.{ffn}.weight"] for e in range(cfg.n_experts)]),
-                )
+                names = [f"{p}.ffn.experts.{e}.{ffn}.weight" for e in range(cfg.n_experts)]
+                yield f"blk.{i}.{g}.weight", torch.stack([_float(state[n], types.get(n)) for n in names]), None
+
+
+def _float(t: torch.Tensor, qtype) -> torch.Tensor:
+    """A tensor joined with others (gpt2 q/k/v, stacked experts) as float, decoding blocks if it is encoded."""
+    if t.dtype != torch.uint8:
+        return t
+    return torch.from_numpy(gguf.quants.dequantize(t.numpy(), qtype))
 
 
 def describe(gf: GGUFFile) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, bad_request, error_body, from_validation_error
-from lmstack.serve.generation import Delta, Embedder, ServedModel, Shutdown, engine_error
+from lmstack.serve.generation import Delta, DeltaStream, Embedder, ServedModel, Shutdown, engine_error
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lmstack.serve.responses import (
@@ -323,6 +323,7 @@ class _Run:
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.completion_tokens = 0
+        self.recorded = False
 
     def saw(self, delta: Delta) -> None:
         if delta.token_ids and self.first_token_at is None:
@@ -331,6 +332,10 @@ class _Run:
         self.state.metrics.progress(self.model.name, len(delta.token_ids))
 
     def done(self, status: int) -> None:
+        """Record the request's outcome once (a stream's cleanup may report it again)."""
+        if self.recorded:
+            return
+        self.recorded = True
         ttft = None if self.first_token_at is None else self.first_token_at - self.start
         m = self.state.metrics
         m.request(self.model.name, self.experiment, self.endpoint, status)
@@ -340,6 +345,22 @@ class _Run:
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that always releases its engine requests when it ends, however it ends: a client
+    that disconnects before the first byte never starts the body generator, whose own cleanup would then
+    never run."""
+
+    def __init__(self, body: AsyncIterator[bytes], close: Callable[[], Awaitable[None]], headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
 
 
 def _headers(model: ServedModel, experiment: str | None) -> dict[str, str]:
@@ -387,11 +408,13 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     choices = [new_choice(i) for i in range(body.n)]
     rid, created = new_id("chatcmpl"), now()
     if body.stream:
-        return StreamingResponse(
-            _chat_stream(state, body, run, deltas, choices, rid, created),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_headers(model, experiment)},
-        )
+
+        async def close() -> None:
+            await deltas.aclose()
+            run.done(499)  # a no-op when the stream recorded its own outcome
+
+        body_iter = _chat_stream(state, body, run, deltas, choices, rid, created)
+        return _EventStream(body_iter, close, _headers(model, experiment))
 
     async def collect() -> None:
         async for delta in deltas:
@@ -403,6 +426,8 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     except (APIError, LmstackError, Shutdown) as exc:
         run.done(engine_error(exc).status)
         raise engine_error(exc) from None
+    finally:
+        await deltas.aclose()  # aborts the request if the client left (a no-op once it finished)
     if finished is None and any(c.finish_reason is None for c in choices):
         run.done(499)
         return Response(status_code=499)
@@ -439,7 +464,7 @@ async def _chat_stream(
     state: ServerState,
     body: ChatCompletionRequest,
     run: _Run,
-    deltas: AsyncIterator[Delta],
+    deltas: DeltaStream,
     choices: list[_Choice],
     rid: str,
     created: int,
@@ -539,13 +564,17 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
         runs.append(run)
     prompt_texts = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in prompts]
     rid, created = new_id("cmpl"), now()
-    merged = _merge_streams(streams, body.n)
+    merged = _merge_streams(streams)
     if body.stream:
-        return StreamingResponse(
-            _completion_stream(state, body, runs, merged, prompt_texts, rid, created),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_headers(model, experiment)},
-        )
+
+        async def close() -> None:
+            for stream in streams:
+                await stream.aclose()
+            for r in runs:
+                r.done(499)  # no-ops when the stream recorded its own outcome
+
+        body_iter = _completion_stream(state, body, runs, merged, prompt_texts, rid, created)
+        return _EventStream(body_iter, close, _headers(model, experiment))
     choices = [_Choice(i, None) for i in range(len(prompts) * body.n)]
 
     async def collect() -> None:
@@ -559,6 +588,9 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
         for r in runs:
             r.done(engine_error(exc).status)
         raise engine_error(exc) from None
+    finally:
+        for stream in streams:
+            await stream.aclose()
     if finished is None and any(c.finish_reason is None for c in choices):
         for r in runs:
             r.done(499)
@@ -584,7 +616,7 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
     return JSONResponse(payload, headers=_headers(model, experiment))
 
 
-async def _merge_streams(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[tuple[int, Delta]]:
+async def _merge_streams(streams: list[DeltaStream]) -> AsyncIterator[tuple[int, Delta]]:
     """Interleave several prompts' delta streams as they arrive: (prompt index, delta)."""
     if len(streams) == 1:
         async for delta in streams[0]:
@@ -592,7 +624,7 @@ async def _merge_streams(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIt
         return
     queue: asyncio.Queue[tuple[int, Delta | None | BaseException]] = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
+    async def pump(i: int, stream: DeltaStream) -> None:
         try:
             async for delta in stream:
                 await queue.put((i, delta))

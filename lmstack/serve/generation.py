@@ -123,7 +123,7 @@ class ServedModel:
             self.stopped = True
             await self.async_engine.shutdown()
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> DeltaStream:
         """Queue the request (errors raise here, before any response is sent) and return its deltas."""
         if self.stopped:
             raise engine_error(Shutdown())
@@ -131,29 +131,41 @@ class ServedModel:
             outputs = await self.async_engine.submit(prompt_ids, params)
         except (LmstackError, RuntimeError) as exc:  # RuntimeError: the engine's executor is shut down
             raise engine_error(Shutdown() if self.stopped else exc) from None
-        return _deltas(outputs)
+        return DeltaStream(outputs)
 
 
-async def _deltas(outputs: RequestStream) -> AsyncIterator[Delta]:
-    """RequestOutputs -> per-choice Deltas; closing this stream early aborts the engine request."""
-    seen_logprobs: dict[int, int] = {}
-    try:
-        async for out in outputs:
-            for c in out.outputs:
-                if c.finish_reason == "abort":
-                    raise Shutdown()  # only the server's shutdown aborts a request another task is reading
-                if not (c.new_text or c.new_token_ids or c.finish_reason):
-                    continue
-                logprobs: list[TokenLogprob] = []
-                if c.logprobs is not None:
-                    start = seen_logprobs.get(c.index, 0)
-                    logprobs, seen_logprobs[c.index] = c.logprobs[start:], len(c.logprobs)
-                yield Delta(c.index, c.new_text, list(c.new_token_ids), logprobs, c.finish_reason)
-            if out.finished:
-                return
-        raise Shutdown()  # the engine stopped before the request finished
-    finally:
-        await outputs.aclose()
+class DeltaStream:
+    """A request's per-choice Deltas. `aclose()` aborts the engine request unless it finished, and works
+    whether or not iteration ever started (a client may leave before its response begins)."""
+
+    def __init__(self, outputs: RequestStream):
+        self._outputs = outputs
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._deltas()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
+        seen_logprobs: dict[int, int] = {}
+        try:
+            async for out in self._outputs:
+                for c in out.outputs:
+                    if c.finish_reason == "abort":
+                        raise Shutdown()  # only the server's shutdown aborts a request another task reads
+                    if not (c.new_text or c.new_token_ids or c.finish_reason):
+                        continue
+                    logprobs: list[TokenLogprob] = []
+                    if c.logprobs is not None:
+                        start = seen_logprobs.get(c.index, 0)
+                        logprobs, seen_logprobs[c.index] = c.logprobs[start:], len(c.logprobs)
+                    yield Delta(c.index, c.new_text, list(c.new_token_ids), logprobs, c.finish_reason)
+                if out.finished:
+                    return
+            raise Shutdown()  # the engine stopped before the request finished
+        finally:
+            await self.aclose()
 
 
 # -- embeddings -----------------------------------------------------------------------------------

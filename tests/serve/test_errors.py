@@ -130,6 +130,9 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 20
+        while engine.stats().kv_usage == 0 and time.monotonic() < deadline:  # scheduled: holds KV blocks
+            time.sleep(0.02)
         assert engine.has_unfinished() and engine.stats().kv_usage > 0
     wait_until_idle(engine)  # the stream was closed after one chunk: the request was aborted
     # The same for a blocking request whose client gives up.

@@ -42,6 +42,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting; one more raises QueueFullError
     block_size: int = 16  # tokens per KV block
     kv_cache_mb: float = 512  # KV pool size (capped at what max_num_seqs full contexts need)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": per-token, per-head scaled int8
     enable_prefix_caching: bool = True
     speculative: str | None = None  # None, "ngram" (prompt lookup) or a draft model reference
     num_speculative_tokens: int = 4
@@ -57,6 +58,10 @@ class EngineConfig:
         require(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         require(self.kv_cache_mb > 0, f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        require(
+            self.kv_cache_dtype in ("auto", "int8"),
+            f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}",
+        )
         require(self.num_speculative_tokens >= 1, "num_speculative_tokens must be >= 1")
         require(1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max")
 
@@ -131,11 +136,13 @@ class LLMEngine:
         self.model_cfg = model.cfg
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
-        per_block = block_bytes(model.cfg, cfg.block_size, dtype)
+        quantized = cfg.kv_cache_dtype == "int8"
+        per_block = block_bytes(model.cfg, cfg.block_size, dtype, quantized)
         enough = cfg.max_num_seqs * -(-model.cfg.max_seq_len // cfg.block_size)
         num_blocks = max(1, min(int(cfg.kv_cache_mb * 2**20 // per_block), enough))
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype))
+        cache = PagedKVCache(model.cfg, num_blocks, cfg.block_size, self.device, dtype, quantized)
+        self.runner = ModelRunner(self.model, cache)
         self.scheduler = Scheduler(self.blocks, cfg.max_batch_tokens, cfg.max_num_seqs)
         self.drafter = self._build_drafter(draft_model)
         self.requests: dict[str, _Request] = {}

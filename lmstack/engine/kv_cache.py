@@ -23,10 +23,11 @@ from lmstack.config import ModelConfig
 BlockKey = tuple[int, tuple[int, ...]]  # (parent block's chain hash, this block's token ids)
 
 
-def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of keys + values for one block over all layers."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * block_size * element
+def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quantized: bool = False) -> int:
+    """Bytes of keys + values for one block over all layers (int8: one byte per value + an fp32
+    scale per token and head)."""
+    per_head = cfg.head_dim + 4 if quantized else cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.n_layer * cfg.n_kv_head * per_head * block_size
 
 
 class BlockManager:
@@ -127,14 +128,24 @@ class RowSpec:
 
 
 class PagedKVCache:
-    """Keys/values of all sequences in one slot pool per layer: (num_blocks * block_size, n_kv_head, head_dim)."""
+    """Keys/values of all sequences in one slot pool per layer: (num_blocks * block_size, n_kv_head, head_dim).
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype):
+    `quantized=True` stores int8 values with one scale per token and head (absmax / 127), about a
+    quarter of fp32's bytes; keys/values are dequantized as they are gathered for attention.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype, quantized: bool = False
+    ):
         slots = num_blocks * block_size
         shape = (slots, cfg.n_kv_head, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        store = torch.int8 if quantized else dtype
+        self.k = [torch.zeros(shape, device=device, dtype=store) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=store) for _ in range(cfg.n_layer)]
+        scale_shape = (slots, cfg.n_kv_head, 1)
+        self.k_scale = [torch.ones(scale_shape, device=device) for _ in range(cfg.n_layer)] if quantized else None
+        self.v_scale = [torch.ones(scale_shape, device=device) for _ in range(cfg.n_layer)] if quantized else None
+        self.num_blocks, self.block_size, self.device, self.dtype = num_blocks, block_size, device, dtype
         self._layout: tuple[Tensor, int, Tensor] | None = None
 
     def prepare(self, rows: list[RowSpec], T: int) -> None:
@@ -173,12 +184,21 @@ class PagedKVCache:
         B, n_kv, T, hd = k.shape
         _, _, L = self._shape
         out = []
-        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+        for name, new in (("k", k), ("v", v)):
+            pool = getattr(self, name)[layer]
             tokens = new.transpose(1, 2).reshape(B * T, n_kv, hd)
             if self._padded:
                 tokens = tokens.index_select(0, self._write_index)
-            pool.index_copy_(0, self._write_slots, tokens)
-            out.append(pool.index_select(0, self._gather).view(B, L, n_kv, hd).transpose(1, 2))
+            if self.k_scale is None:
+                pool.index_copy_(0, self._write_slots, tokens)
+                gathered = pool.index_select(0, self._gather)
+            else:
+                scales = getattr(self, f"{name}_scale")[layer]
+                scale = tokens.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127
+                pool.index_copy_(0, self._write_slots, (tokens.float() / scale).round_().to(torch.int8))
+                scales.index_copy_(0, self._write_slots, scale)
+                gathered = (pool.index_select(0, self._gather) * scales.index_select(0, self._gather)).to(self.dtype)
+            out.append(gathered.view(B, L, n_kv, hd).transpose(1, 2))
         return out[0], out[1]  # (B, n_kv_head, L, head_dim)
 
     def advance(self, n: int) -> None:

@@ -41,6 +41,10 @@ def add_rag_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
         _retrieval_args(p)
         if name == "ask":
             _generation_args(p, model_required=True)
+    p = command("pairs", "make (query, positive) pairs from an index for `lmstack finetune --task embed`")
+    p.add_argument("--index", required=True)
+    p.add_argument("--out", required=True, help="JSONL of query/positive pairs")
+    p.add_argument("--seed", type=int, default=0)
     p = command("eval", "retrieval (recall@k, MRR) and answer (containment, F1, faithfulness) scores on a QA set")
     p.add_argument("--index", required=True)
     p.add_argument("--qa", required=True, help="JSONL with question, answer, source (path relative to --docs)")

@@ -169,19 +169,25 @@ class Encoder(nn.Module):
             x = block(x, mask)
         return x
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def pool(self, hidden: Tensor, attention_mask: Tensor, normalize: bool | None = None) -> Tensor:
         """(B, T, d) -> (B, d) by the configured pooling, L2-normalised when configured."""
         if self.cfg.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+        normalize = self.cfg.normalize if normalize is None else normalize
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def classify(self, hidden: Tensor) -> Tensor:
-        """(B, T, d) -> (B, n_labels) logits from the [CLS] position."""
+    def classify(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T, d) -> (B, n_labels) logits: pooler + linear over the pooled vector.
+
+        HF's BertForSequenceClassification pools [CLS] (its import sets pooling "cls"); a head added to a
+        sentence-embedding model keeps that model's pooling (mean for MiniLM), which is what it was trained for.
+        """
         require(bool(self.cfg.labels), "this encoder has no classification head; fine-tune one with --task classify")
-        return self.classifier(self.drop(torch.tanh(self.pooler(hidden[:, 0]))))
+        pooled = self.pool(hidden, attention_mask, normalize=False)
+        return self.classifier(self.drop(torch.tanh(self.pooler(pooled))))
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         require(self.cfg.mlm_head, "this encoder has no masked-LM head; build it with mlm_head=True")
@@ -286,7 +292,7 @@ class TextEncoder:
             return out
         for rows, batch in self.batches(self.tokenize(texts, pairs), batch_size):
             hidden = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            out[rows] = self.model.classify(hidden).float().cpu().numpy()
+            out[rows] = self.model.classify(hidden, batch.attention_mask).float().cpu().numpy()
         return out
 
 

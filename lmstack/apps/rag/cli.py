@@ -51,6 +51,11 @@ def rag_cli(args: argparse.Namespace) -> None:
         print(answer.render())
     elif command == "eval":
         _eval(args)
+    elif command == "pairs":
+        from lmstack.apps.rag.pairs import write_pairs
+
+        n = write_pairs(args.index, args.out, args.seed)
+        print(f"{n} (query, positive) pairs -> {args.out}", file=sys.stderr)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -58,14 +58,18 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.length = 0
+        self.positions = torch.arange(max_len, device=device)  # sliced per step: no allocation while decoding
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
+    def _check_room(self, end: int) -> None:
         if end > self.max_len:
             raise LmstackError(
                 f"sequence of {end} tokens exceeds the KV cache of {self.max_len}; "
                 "shorten the prompt or lower --max-new-tokens"
             )
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        self._check_room(end)
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -75,7 +79,8 @@ class KVCache:
 
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
         past = self.length
-        return torch.arange(past, past + T, device=device), past + T - 1, attention_mask(T, past, None, device)
+        self._check_room(past + T)
+        return self.positions[past : past + T], past + T - 1, attention_mask(T, past, None, device)
 
     def reorder(self, index: Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. sequences still generating)."""
@@ -297,6 +302,7 @@ class Transformer(nn.Module):
         label_smoothing: float = 0.0,
         inputs_embeds: Tensor | None = None,
         return_hidden: bool = False,
+        trained_logits_only: bool = False,
     ) -> ModelOutput:
         """idx (B, T) token ids. targets (B, T) with -100 to ignore.
 
@@ -305,6 +311,8 @@ class Transformer(nn.Module):
         False for padded key positions over the whole sequence so far (L = past + T; with a KVCache).
         inputs_embeds: (B, T, d_model) used instead of `tok_emb(idx)` (idx None): soft prompts (lmstack.peft).
         return_hidden: also return the final normed hidden states (mean-pooled embeddings in lmstack.serve).
+        trained_logits_only: with targets, run lm_head only where the target is not -100 (SFT trains a
+        fraction of the tokens; the head is a large share of a small model's compute); logits are (N, vocab).
         """
         cfg = self.cfg
         B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
@@ -344,6 +352,9 @@ class Transformer(nn.Module):
         hidden = x if return_hidden else None
         if last_logits_only:
             x = x[:, -1:]
+        elif trained_logits_only and targets is not None:
+            keep = targets != -100  # (B, T)
+            x, targets = x[keep], targets[keep]  # (N, d_model), (N,)
         logits = self.lm_head(x)  # (B, T, vocab)
         out = ModelOutput(logits=logits, aux_loss=aux_total, hidden=hidden)
         if targets is not None:

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError, require
@@ -238,7 +237,9 @@ class SFTTrainer(Trainer):
     def forward_micro(self, step: int, micro: int) -> Any:
         batch = self.batches.get(step, micro)
         inputs, targets = batch["inputs"].to(self.device), batch["targets"].to(self.device)
-        out = self.model(inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing)
+        out = self.model(
+            inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing, trained_logits_only=True
+        )
         if self.allocator is not None:  # AdaLoRA keeps P and Q near-orthogonal
             from lmstack.peft.adalora import orthogonal_penalty
 
@@ -262,11 +263,12 @@ class SFTTrainer(Trainer):
             batch = rows.batch(mine[i : i + cfg.batch_size])
             targets = batch["targets"].to(self.device)
             with self.autocast:
-                logits = self.model(batch["inputs"].to(self.device), cache=batch["cache"]).logits
-            total += F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-            ).double()
-            count += int((targets != -100).sum())
+                out = self.model(
+                    batch["inputs"].to(self.device), targets, cache=batch["cache"], trained_logits_only=True
+                )
+            n_trained = int((targets != -100).sum())
+            total += out.lm_loss.double() * n_trained  # the mean over this batch's trained tokens
+            count += n_trained
         self.model.train()
         total_sum, count_sum = all_reduce_sum([float(total), float(count)], ctx)
         loss = total_sum / max(count_sum, 1)

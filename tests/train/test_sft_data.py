@@ -143,3 +143,24 @@ def test_packing_fills_rows(tokenizer):
     assert sorted(packed.targets[packed.targets != -100].tolist()) == sorted(
         unpacked.targets[unpacked.targets != -100].tolist()
     )
+
+
+def test_trained_logits_only_gives_the_same_loss_and_gradients():
+    """SFT runs lm_head only where a target is trained: same loss, same gradients as the full head."""
+    from lmstack.config import ModelConfig
+    from lmstack.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64))
+    x = torch.randint(0, 256, (2, 16))
+    y = x.roll(-1, dims=1)
+    y[:, :10] = -100
+    results = []
+    for sparse in (False, True):
+        out = model(x, y, trained_logits_only=sparse)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

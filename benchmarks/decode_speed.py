@@ -12,7 +12,8 @@ in this same run. Compare ratios, not absolute figures, across machines and runs
 
 Other rows (quantized lmstack against llama.cpp Q8_0/Q4_1, say) are one function each: append a
 `Row(name, setup)` to `ROWS`, where `setup(ctx)` loads once and returns a callable that decodes and
-returns the per-token arrival times. Missing optional peers print as "not installed".
+returns the per-token arrival times (`lmstack_decoder(model, ctx)` builds one for any lmstack model).
+Missing optional peers print as "not installed".
 """
 
 from __future__ import annotations
@@ -44,25 +45,26 @@ class Row:
     setup: Callable[[Context], Decode | None]  # None: the peer is not installed
 
 
-def _lmstack(compile_step: bool) -> Callable[[Context], Decode]:
-    def setup(ctx: Context) -> Decode:
-        from lmstack.engine.generate import SamplingParams, generate_tokens
-        from lmstack.hub import load_model
-        from lmstack.model.transformer import fuse_for_inference
+def lmstack_decoder(model, ctx: Context) -> Decode:
+    """Greedy single-stream decode through `generate_tokens`, weights fused once (quantized rows reuse it)."""
+    from lmstack.engine.generate import SamplingParams, generate_tokens
+    from lmstack.model.transformer import fuse_for_inference
 
-        model, _ = load_model(ctx.model_ref)
-        model = fuse_for_inference(model.eval())
-        params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
-        if compile_step:
-            model.compile_decode_step()
+    model = fuse_for_inference(model.eval())
+    params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
 
-        def run() -> list[float]:
-            return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+    def run() -> list[float]:
+        return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
 
-        run()  # warm-up (and compilation)
-        return run
+    run()  # warm-up
+    return run
 
-    return setup
+
+def _lmstack_fp32(ctx: Context) -> Decode:
+    from lmstack.hub import load_model
+
+    model, _ = load_model(ctx.model_ref)
+    return lmstack_decoder(model, ctx)
 
 
 def _transformers(ctx: Context) -> Decode | None:
@@ -139,10 +141,63 @@ def _llama_cpp(ctx: Context) -> Decode | None:
     return run
 
 
+def _lmstack_quantized(kind: str) -> Callable[[Context], Decode]:
+    """lmstack running packed weights through its kernels (lmstack.compress): the shipped Q4_1 GGUF as it
+    is ("gguf"), or the float model quantized in memory by `quantize_model` ("int8" = Q8_0 layout,
+    "int4" = Q4_0 layout, both group 32, int8 head)."""
+
+    def setup(ctx: Context) -> Decode:
+        from lmstack.compress.model import quantize_model
+        from lmstack.engine.generate import SamplingParams, generate_tokens
+        from lmstack.hub import load_model
+        from lmstack.model.transformer import fuse_for_inference
+
+        model, _ = load_model(ctx.model_ref, keep_quantized=kind == "gguf")
+        if kind != "gguf":
+            quantize_model(model, kind, group_size=32)
+        model = fuse_for_inference(model.eval())
+        params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
+
+        def run() -> list[float]:
+            return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+
+        run()  # warm-up (builds the kernels once)
+        return run
+
+    return setup
+
+
+def _llama_cpp_export(dtype: str) -> Callable[[Context], Decode | None]:
+    """llama.cpp on a GGUF lmstack writes: the float model as `--dtype q8_0` (llama.cpp's own Q8_0
+    rounding), or lmstack's int4 model as q4_0 (its blocks byte for byte), to compare at equal bits."""
+
+    def setup(ctx: Context) -> Decode | None:
+        import tempfile
+        from pathlib import Path
+
+        from lmstack.compress.model import quantize_model
+        from lmstack.convert.gguf import save_gguf
+        from lmstack.hub import load_model
+
+        model, tokenizer = load_model(ctx.model_ref)
+        if dtype == "q4_0":
+            quantize_model(model, "int4", group_size=32)
+        path = Path(tempfile.mkdtemp()) / f"model-{dtype}.gguf"
+        save_gguf(model, tokenizer, path, dtype=dtype)
+        return _llama_cpp(Context(str(path), ctx.tokens, ctx.threads, ctx.prompt_ids))
+
+    return setup
+
+
 ROWS: list[Row] = [
     Row("transformers fp32 generate()", _transformers),
-    Row("lmstack fp32", _lmstack(compile_step=False)),
+    Row("lmstack fp32", _lmstack_fp32),
     Row("llama.cpp Q4_1 (GGUF)", _llama_cpp),
+    Row("lmstack Q4_1 (same GGUF, packed)", _lmstack_quantized("gguf")),
+    Row("llama.cpp Q8_0 (lmstack export)", _llama_cpp_export("q8_0")),
+    Row("lmstack int8 (Q8_0 layout)", _lmstack_quantized("int8")),
+    Row("llama.cpp Q4_0 (lmstack int4 export)", _llama_cpp_export("q4_0")),
+    Row("lmstack int4 (Q4_0 layout)", _lmstack_quantized("int4")),
 ]
 PEER = "transformers fp32 generate()"  # the ratio column is relative to this row
 

@@ -127,8 +127,9 @@ class Int4Linear(QuantizedLinear):
         return w.view(qweight.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.usable(x, self.in_features, self.group_size):
-            return kernels.qlinear(x, self.qweight, self.scales, self.mins, 4, self.group_size, self.bias)
+        isa = kernels.kernel_for(x, self.in_features, self.group_size)
+        if isa is not None:
+            return kernels.qlinear(x, self.qweight, self.scales, self.mins, 4, self.group_size, self.bias, isa)
         return super().forward(x)
 
     def config(self) -> dict[str, Any]:

@@ -70,8 +70,9 @@ class Int8Linear(QuantizedLinear):
         return (q.float().view(q.shape[0], -1, self.group_size) * s.float()[..., None]).view(q.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernels.usable(x, self.in_features, self.group_size):
-            return kernels.qlinear(x, self.qweight, self.scales, None, 8, self.group_size, self.bias)
+        isa = kernels.kernel_for(x, self.in_features, self.group_size)
+        if isa is not None:
+            return kernels.qlinear(x, self.qweight, self.scales, None, 8, self.group_size, self.bias, isa)
         return super().forward(x)
 
     def config(self) -> dict[str, Any]:

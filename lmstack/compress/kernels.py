@@ -100,15 +100,14 @@ def selected_isa() -> int | None:
     return _isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto")
 
 
-def usable(x: torch.Tensor, in_features: int, group_size: int) -> bool:
-    """Whether the fused kernel can run this call (CPU, no autograd through it, block-aligned shapes)."""
-    return (
-        x.device.type == "cpu"
-        and in_features % BLOCK == 0
-        and group_size % BLOCK == 0
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and selected_isa() is not None
-    )
+def kernel_for(x: torch.Tensor, in_features: int, group_size: int) -> int | None:
+    """The ISA code to run this call with, or None when the fused kernel cannot run it (not on the CPU,
+    autograd through the input, shapes not in whole 32-column blocks, or the torch path chosen)."""
+    if x.device.type != "cpu" or in_features % BLOCK or group_size % BLOCK:
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    return selected_isa()
 
 
 def qlinear(
@@ -119,9 +118,9 @@ def qlinear(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None,
-    isa: int | None = None,
+    isa: int,
 ) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ dequant(W)^T + bias through the fused kernel, in x's dtype."""
+    """y (..., N) = x (..., K) @ dequant(W)^T + bias through the fused kernel (`ISAS` code), in x's dtype."""
     ext = extension()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -129,7 +128,7 @@ def qlinear(
         x2 = x2.float().contiguous()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = ext.qlinear(x2, qweight, scales, mins, bias, bits, group_size, selected_isa() if isa is None else isa)
+    y = ext.qlinear(x2, qweight, scales, mins, bias, bits, group_size, isa)
     y = y.view(*lead, y.shape[-1])
     return y if y.dtype == x.dtype else y.to(x.dtype)
 

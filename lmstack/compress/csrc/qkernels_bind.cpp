@@ -98,10 +98,13 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
                reinterpret_cast<const uint16_t*>(scales.data_ptr()), mins_ptr, bias_ptr, y.data_ptr<float>(),
                static_cast<int>(bits), static_cast<int>(group)};
   // Activation tiles of 64 rows keep their int8 copy (64 x K bytes) in L2 while every weight row streams by.
-  constexpr int64_t kRowTile = 64;
+  // Each thread gets at least ~256k multiply-adds: waking a second thread for less (a k_proj at batch 1)
+  // costs more than it saves, and far more on a loaded machine.
+  constexpr int64_t kRowTile = 64, kMinWork = 1 << 18;
   for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
     const int64_t m1 = std::min(M, m0 + kRowTile);
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { gemm(a, begin, end, m0, m1); });
+    const int64_t grain = std::max<int64_t>(4, kMinWork / (K * (m1 - m0)));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemm(a, begin, end, m0, m1); });
   }
   return y;
 }

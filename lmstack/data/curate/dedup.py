@@ -6,15 +6,22 @@ MinHash is vectorized in numpy instead of datasketch's per-shingle Python loop:
 2. n consecutive token hashes are combined into one 32-bit shingle hash per position;
 3. all permutations are one (n_shingles, n_perm) multiply-shift universal-hash op,
    h(x) = ((a*x + b) mod 2**64) >> 32 (Dietzfelbinger et al. 1997), reduced with a per-document min.
-LSH cuts the signature into `bands` x `rows`; documents sharing any band key are candidates, joined by
-vectorized union-find (min-label propagation with pointer jumping). The smallest index of each cluster
-(first seen) is kept. With `threshold`, a candidate link needs an estimated Jaccard >= threshold too.
+LSH cuts the signature into `bands` x `rows`; documents sharing any band key are candidates. A candidate
+pair is then verified: by default against the true Jaccard of the two documents' shingle sets (computed
+for candidates only), or, with `verify: estimate`, against the Jaccard estimated from the signatures.
+
+Clustering is greedy star clustering, not union-find: documents are visited in input order, an unassigned
+document becomes a representative (kept), and it absorbs its verified neighbours that are still
+unassigned (dropped). So a document is dropped only when it is similar to the document it is merged into;
+a chain A~B~C with A and C unrelated keeps C. Connected components that hold more than one representative
+(where union-find would have chained unrelated documents together) are counted in `DedupResult.chains`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,7 +45,11 @@ class DedupConfig:
     ngram: int = 5
     bands: int = 14
     rows: int = 8
-    threshold: float = 0.0  # > 0: a candidate pair also needs estimated Jaccard >= threshold
+    # A candidate pair is a duplicate when its Jaccard similarity reaches `threshold`, measured on the
+    # shingle sets themselves (verify: exact) or estimated from the MinHash signatures (verify: estimate,
+    # faster, noisier: with 112 hashes the estimate's standard deviation is about 0.04 at J = 0.75).
+    threshold: float = 0.75
+    verify: str = "exact"
     seed: int = 1
     lines: bool = False  # also remove repeated lines (every occurrence after the first, corpus-wide)
     min_line_chars: int = 20  # shorter lines ("Home", "Share") are layout, left to the quality filters
@@ -49,6 +60,7 @@ class DedupConfig:
         require(self.ngram >= 1, f"dedup.ngram must be >= 1, got {self.ngram}")
         require(self.bands >= 1 and self.rows >= 1, "dedup.bands and dedup.rows must be >= 1")
         require(0.0 <= self.threshold <= 1.0, f"dedup.threshold must be in [0, 1], got {self.threshold}")
+        require(self.verify in ("exact", "estimate"), f"dedup.verify must be exact or estimate, got {self.verify!r}")
 
     @property
     def num_perm(self) -> int:
@@ -144,21 +156,28 @@ def shingle_hashes(token_hash: np.ndarray, doc_of_token: np.ndarray, n_docs: int
 
 
 class MinHasher:
-    """Vectorized MinHash signatures: (n_docs, num_perm) uint32. Empty documents get all-ones rows."""
+    """Vectorized MinHash signatures: (n_docs, num_perm) uint32. Documents without shingles (empty after
+    simplification) get all-ones rows, which `near_duplicate_clusters` never links."""
 
     def __init__(self, num_perm: int = 112, ngram: int = 5, unit: str = "auto", seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | _U64(1)
-        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+        # Multiply-shift needs odd multipliers drawn from all 64 bits (the high bits decide the output).
+        self.a = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False) | _U64(1)
+        self.b = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64, endpoint=False)
         self.num_perm, self.ngram, self.unit = num_perm, ngram, unit
 
-    def shingles(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        simple = [simplify(t) for t in texts]
+    def _char_mode(self, simple: list[str]) -> np.ndarray:
         if self.unit == "auto":
-            char_mode = np.array([cjk_share(t) >= CJK_SHARE_THRESHOLD for t in simple], dtype=bool)
-        else:
-            char_mode = np.full(len(texts), self.unit == "char", dtype=bool)
-        parts_hash, parts_doc = [], []
+            return np.array([cjk_share(t) >= CJK_SHARE_THRESHOLD for t in simple], dtype=bool)
+        return np.full(len(simple), self.unit == "char", dtype=bool)
+
+    def shingles(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(32-bit shingle hash, document index) for every shingle position, grouped by document."""
+        simple = [simplify(t) for t in texts]
+        return self._simplified_shingles(simple, self._char_mode(simple))
+
+    def _simplified_shingles(self, simple: list[str], char_mode: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts_hash, parts_doc = [np.zeros(0, _U64)], [np.zeros(0, np.int64)]
         for mode, tokenize in ((False, word_token_hashes), (True, char_token_hashes)):
             index = np.flatnonzero(char_mode == mode)
             if index.size == 0:
@@ -171,40 +190,101 @@ class MinHasher:
         order = np.argsort(docs, kind="stable")
         return hashes[order], docs[order]
 
+    def shingle_sets(self, texts: list[str]) -> list[np.ndarray]:
+        """Sorted unique shingle hashes per document: what the exact Jaccard check compares."""
+        short = [i for i, t in enumerate(texts) if len(t) <= _CHUNK_CHARS]
+        hashes, docs = self.shingles([texts[i] for i in short])
+        bounds = np.searchsorted(docs, np.arange(len(short) + 1))
+        sets: list[np.ndarray] = [np.zeros(0, _U64)] * len(texts)
+        for k, i in enumerate(short):
+            sets[i] = np.unique(hashes[bounds[k] : bounds[k + 1]])
+        for i in set(range(len(texts))) - set(short):
+            simple = simplify(texts[i])
+            char_mode = self._char_mode([simple])
+            pieces = _overlapping_pieces(simple, _CHUNK_CHARS, self.ngram - 1, bool(char_mode[0]))
+            sets[i] = np.unique(np.concatenate([self._simplified_shingles([p], char_mode)[0] for p in pieces]))
+        return sets
+
     def signatures(self, texts: list[str]) -> np.ndarray:
         sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
         start = 0
         while start < len(texts):
+            if len(texts[start]) > _CHUNK_CHARS:  # a huge document: hashed piece by piece
+                sig[start] = self._long_signature(texts[start])
+                start += 1
+                continue
             stop, chars = start, 0
-            while stop < len(texts) and (stop == start or chars + len(texts[stop]) <= _CHUNK_CHARS):
+            while stop < len(texts) and len(texts[stop]) <= _CHUNK_CHARS and chars + len(texts[stop]) <= _CHUNK_CHARS:
                 chars += len(texts[stop])
                 stop += 1
+            stop = max(stop, start + 1)
             sig[start:stop] = self._chunk_signatures(texts[start:stop])
             start = stop
         return sig
 
-    def _chunk_signatures(self, texts: list[str]) -> np.ndarray:
-        sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
-        hashes, docs = self.shingles(texts)
-        bounds = np.searchsorted(docs, np.arange(len(texts) + 1))
-        start_doc = 0
-        while start_doc < len(texts):
-            # take whole documents until the step holds about _BATCH_SHINGLES rows
-            stop_doc = max(start_doc + 1, int(np.searchsorted(bounds, bounds[start_doc] + _BATCH_SHINGLES)) - 1)
-            stop_doc = min(stop_doc, len(texts))
-            lo, hi = bounds[start_doc], bounds[stop_doc]
-            if hi > lo:
-                self._fill(sig, hashes[lo:hi], docs[lo:hi])
-            start_doc = stop_doc
+    def _long_signature(self, text: str) -> np.ndarray:
+        """The signature of one huge document from overlapping pieces, so memory stays bounded.
+
+        Pieces overlap by ngram - 1 tokens, so every shingle of the whole text lies inside some piece; the
+        minimum over pieces of each hash is then the minimum over the whole shingle set. The unit (word or
+        character) is decided once for the whole document."""
+        simple = simplify(text)
+        char_mode = bool(self._char_mode([simple])[0])
+        sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
+        for piece in _overlapping_pieces(simple, _CHUNK_CHARS, self.ngram - 1, char_mode):
+            hashes, docs = self._simplified_shingles([piece], np.array([char_mode]))
+            if hashes.size:
+                sig = np.minimum(sig, self._min_hashes(hashes, docs, 1)[0])
         return sig
 
-    def _fill(self, sig: np.ndarray, hashes: np.ndarray, docs: np.ndarray) -> None:
-        with np.errstate(over="ignore"):
-            values = np.multiply.outer(hashes, self.a)  # (n_shingles, num_perm)
-            values += self.b
-        firsts = np.flatnonzero(np.concatenate(([True], docs[1:] != docs[:-1])))
-        # the shift is monotonic, so it commutes with min and runs on the small reduced matrix only
-        sig[docs[firsts]] = np.minimum.reduceat(values, firsts, axis=0) >> _U64(32)
+    def _chunk_signatures(self, texts: list[str]) -> np.ndarray:
+        hashes, docs = self.shingles(texts)
+        return self._min_hashes(hashes, docs, len(texts))
+
+    def _min_hashes(self, hashes: np.ndarray, docs: np.ndarray, n_docs: int) -> np.ndarray:
+        """Per-document minimum of every permutation, over slices of at most _BATCH_SHINGLES rows, so the
+        (shingles, num_perm) matrix never exceeds ~7 MB whatever the documents' sizes."""
+        sig = np.full((n_docs, self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
+        for lo in range(0, hashes.size, _BATCH_SHINGLES):
+            part, part_docs = hashes[lo : lo + _BATCH_SHINGLES], docs[lo : lo + _BATCH_SHINGLES]
+            with np.errstate(over="ignore"):
+                values = np.multiply.outer(part, self.a)  # (rows, num_perm)
+                values += self.b
+            firsts = np.flatnonzero(np.concatenate(([True], part_docs[1:] != part_docs[:-1])))
+            # the shift is monotonic, so it commutes with min and runs on the small reduced matrix only
+            mins = (np.minimum.reduceat(values, firsts, axis=0) >> _U64(32)).astype(np.uint32)
+            rows = part_docs[firsts]  # unique within a slice; a document may continue from the last slice
+            sig[rows] = np.minimum(sig[rows], mins)
+        return sig
+
+
+def _overlapping_pieces(simple: str, size: int, overlap_tokens: int, char_mode: bool) -> list[str]:
+    """Split simplified text into pieces of about `size` characters that share `overlap_tokens` tokens."""
+    pieces, start = [], 0
+    while start < len(simple):
+        stop = min(len(simple), start + size)
+        if not char_mode and stop < len(simple):
+            space = simple.rfind(" ", start, stop)
+            stop = space if space > start else stop  # cut between words
+        pieces.append(simple[start:stop])
+        if stop >= len(simple):
+            break
+        following = _back_up(simple, stop, overlap_tokens, char_mode)
+        start = following if following > start else stop  # always move forward, even inside a giant word
+    return pieces
+
+
+def _back_up(simple: str, stop: int, tokens: int, char_mode: bool) -> int:
+    """The start of the next piece: `tokens` words (or non-space characters) before `stop`."""
+    pos = stop
+    for _ in range(tokens):
+        if char_mode:
+            pos -= 1
+            while pos > 0 and simple[pos] == " ":
+                pos -= 1
+        else:
+            pos = simple.rfind(" ", 0, pos - 1) + 1 if pos > 0 else 0
+    return max(pos, 0)
 
 
 def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -222,7 +302,9 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (first member of a bucket, other member) for every band; each bucket becomes a star."""
+    """Unique pairs (i < j) that share a band bucket: each member is paired with the bucket's first member
+    (a star) and with the member before it (a chain), so verification can still link two documents that
+    are similar to each other but not to the bucket's first member."""
     lefts, rights = [], []
     for b in range(keys.shape[1]):
         order = np.argsort(keys[:, b], kind="stable")
@@ -231,11 +313,15 @@ def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not same.any():
             continue
         run_start = np.maximum.accumulate(np.where(same, 0, np.arange(order.size)))
-        lefts.append(order[run_start[same]])
-        rights.append(order[same])
+        members = np.flatnonzero(same)
+        lefts += [order[run_start[members]], order[members - 1]]
+        rights += [order[members], order[members]]
     if not lefts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(lefts), np.concatenate(rights)
+    left, right = np.concatenate(lefts), np.concatenate(rights)
+    low, high = np.minimum(left, right), np.maximum(left, right)
+    pairs = np.unique(np.stack([low[low != high], high[low != high]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -256,33 +342,107 @@ def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndar
             return parent
 
 
-def near_duplicate_clusters(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    """Cluster label per document (smallest member index); a document is kept iff label == its index."""
-    n = signatures.shape[0]
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sorted unique hash arrays."""
+    if a.size == 0 or b.size == 0:
+        return 0.0
+    common = np.intersect1d(a, b, assume_unique=True).size
+    return common / (a.size + b.size - common)
+
+
+ShingleSource = Callable[[np.ndarray], dict[int, np.ndarray]]  # document indexes -> their shingle sets
+
+
+def verified_pairs(
+    signatures: np.ndarray, cfg: DedupConfig, shingle_source: ShingleSource | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LSH candidates that pass the similarity check: (left, right, similarity), left < right."""
+    has_shingles = ~(signatures == 0xFFFFFFFF).all(axis=1)  # empty documents never link
     left, right = candidate_pairs(band_keys(signatures, cfg.bands, cfg.rows))
-    if cfg.threshold > 0 and left.size:
+    usable = has_shingles[left] & has_shingles[right]
+    left, right = left[usable], right[usable]
+    if left.size == 0:
+        return left, right, np.zeros(0)
+    if cfg.verify == "estimate":
         similarity = (signatures[left] == signatures[right]).mean(axis=1)
-        left, right = left[similarity >= cfg.threshold], right[similarity >= cfg.threshold]
-    return connected_components(n, left, right)
+    else:
+        require(shingle_source is not None, "dedup.verify: exact needs the documents' shingle sets")
+        sets = shingle_source(np.unique(np.concatenate([left, right])))
+        similarity = np.array([jaccard(sets[int(i)], sets[int(j)]) for i, j in zip(left, right, strict=True)])
+    ok = similarity >= cfg.threshold
+    return left[ok], right[ok], similarity[ok]
+
+
+def star_clusters(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Representative of each document under greedy star clustering in input order.
+
+    Visiting documents in order, an unassigned document becomes a representative and claims every still
+    unassigned neighbour after it. Each dropped document is therefore similar to its own representative."""
+    representative = np.full(n, -1, dtype=np.int64)
+    order = np.argsort(left, kind="stable")
+    left, right = left[order], right[order]
+    bounds = np.searchsorted(left, np.arange(n + 1))
+    for i in np.unique(left):
+        if representative[i] >= 0:
+            continue
+        representative[i] = i
+        neighbours = right[bounds[i] : bounds[i + 1]]
+        free = neighbours[representative[neighbours] < 0]
+        representative[free] = i
+    unassigned = representative < 0
+    representative[unassigned] = np.flatnonzero(unassigned)
+    return representative
+
+
+def near_duplicate_clusters(
+    signatures: np.ndarray, cfg: DedupConfig, shingle_source: ShingleSource | None = None
+) -> tuple[np.ndarray, int]:
+    """(representative per document, number of chained components split), from verified LSH pairs.
+
+    A document is kept iff it is its own representative. The second value counts connected components of
+    the similarity graph that hold more than one representative: chains that union-find would have merged
+    although their ends are not similar (reported as false-merge-prone clusters)."""
+    n = signatures.shape[0]
+    left, right, _ = verified_pairs(signatures, cfg, shingle_source)
+    representative = star_clusters(n, left, right)
+    component = connected_components(n, left, right)
+    reps = np.flatnonzero(representative == np.arange(n))
+    _, reps_per_component = np.unique(component[reps], return_counts=True)
+    return representative, int((reps_per_component > 1).sum())
 
 
 @dataclass
 class DedupResult:
     keep: np.ndarray  # bool per document
     reason: list[str | None]  # "exact_duplicate" | "near_duplicate" | None per document
-    cluster: np.ndarray  # near-duplicate cluster label per document (smallest member index)
+    cluster: np.ndarray  # representative (kept document) of each document's near-duplicate cluster
+    chains: int = 0  # similarity-graph components split into several clusters (would have chained)
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # verified near-duplicate pairs (i < j)
 
 
 def deduplicate(texts: list[str], cfg: DedupConfig | None = None) -> DedupResult:
     """In-memory dedup of a list of texts: the same decisions the pipeline's global stage makes."""
     cfg = cfg or DedupConfig()
     exact = np.array([exact_key(t) for t in texts], dtype=np.uint64) if cfg.exact else None
-    sig = MinHasher(cfg.num_perm, cfg.ngram, cfg.unit, cfg.seed).signatures(texts) if cfg.minhash else None
-    return decide(len(texts), exact, sig, cfg)
+    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.unit, cfg.seed)
+    sig = hasher.signatures(texts) if cfg.minhash else None
+
+    def shingle_source(index: np.ndarray) -> dict[int, np.ndarray]:
+        return dict(zip(index.tolist(), hasher.shingle_sets([texts[i] for i in index]), strict=True))
+
+    return decide(len(texts), exact, sig, cfg, shingle_source)
 
 
-def decide(n: int, exact: np.ndarray | None, signatures: np.ndarray | None, cfg: DedupConfig) -> DedupResult:
-    """Keep the first of each exact-duplicate group, then the first of each near-duplicate cluster."""
+def decide(
+    n: int,
+    exact: np.ndarray | None,
+    signatures: np.ndarray | None,
+    cfg: DedupConfig,
+    shingle_source: ShingleSource | None = None,
+) -> DedupResult:
+    """Keep the first of each exact-duplicate group, then one representative per near-duplicate cluster.
+
+    `shingle_source` maps document indexes (0..n-1) to their shingle sets for the exact Jaccard check."""
     keep = np.ones(n, dtype=bool)
     reason: list[str | None] = [None] * n
     if exact is not None and n:
@@ -291,15 +451,24 @@ def decide(n: int, exact: np.ndarray | None, signatures: np.ndarray | None, cfg:
         keep[first] = True
         for i in np.flatnonzero(~keep):
             reason[i] = "exact_duplicate"
-    cluster = np.arange(n)
+    cluster, chains, pairs = np.arange(n), 0, []
     if signatures is not None and n:
         survivors = np.flatnonzero(keep)
-        labels = near_duplicate_clusters(signatures[survivors], cfg)
+
+        def survivor_sets(index: np.ndarray) -> dict[int, np.ndarray]:
+            assert shingle_source is not None
+            sets = shingle_source(survivors[index])
+            return {int(i): sets[int(survivors[i])] for i in index}
+
+        source = survivor_sets if shingle_source is not None else None
+        labels, chains = near_duplicate_clusters(signatures[survivors], cfg, source)
         cluster[survivors] = survivors[labels]
-        for i in survivors[labels != np.arange(survivors.size)]:
-            keep[i] = False
-            reason[i] = "near_duplicate"
-    return DedupResult(keep, reason, cluster)
+        merged = np.flatnonzero(labels != np.arange(survivors.size))
+        for k in merged:
+            keep[survivors[k]] = False
+            reason[survivors[k]] = "near_duplicate"
+        pairs = [(int(survivors[labels[k]]), int(survivors[k])) for k in merged]
+    return DedupResult(keep, reason, cluster, chains, pairs)
 
 
 class LineDeduper:

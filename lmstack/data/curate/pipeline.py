@@ -284,9 +284,13 @@ def dedup_stage(ctx: RunContext, tasks: list[ReadTask], markers: list[dict[str, 
     if dedup and n:
         exact = np.concatenate([a["exact"] for a in arrays]) if dedup.exact else None
         sig = np.concatenate([a["signatures"] for a in arrays]) if dedup.minhash else None
-        result = decide(n, exact, sig, dedup)
+        source = _stage1_shingle_source(stage1, tasks, offsets, dedup)
+        result = decide(n, exact, sig, dedup, source)
         keep = result.keep
         stats.dropped.update(r for r in result.reason if r)
+        if result.chains:
+            # components of the similarity graph kept as several clusters: union-find would have chained them
+            stats.edits["chains_split"] += result.chains
         clusters = _cluster_examples(result.cluster, keep, offsets, tasks, stage1, dedup.cluster_examples)
     stats.kept = int(keep.sum())
     line_removals, line_stats = _line_dedup(ctx, tasks, keep, offsets)
@@ -309,6 +313,28 @@ def dedup_stage(ctx: RunContext, tasks: list[ReadTask], markers: list[dict[str, 
     }
     atomic_write_text(marker_path, json.dumps(summary))
     return summary
+
+
+def _stage1_shingle_source(
+    stage1: Path, tasks: list[ReadTask], offsets: np.ndarray, dedup: DedupConfig
+) -> Callable[[np.ndarray], dict[int, np.ndarray]]:
+    """Shingle sets of candidate documents for the exact Jaccard check, re-read from stage 1's output.
+
+    Only the files that hold candidates are read, and only candidates are shingled, so the driver never
+    holds the shingles of the whole corpus (signatures are all it keeps for every document)."""
+    hasher = MinHasher(dedup.num_perm, dedup.ngram, dedup.unit, dedup.seed)
+
+    def source(index: np.ndarray) -> dict[int, np.ndarray]:
+        task_of = np.searchsorted(offsets, index, side="right") - 1
+        out: dict[int, np.ndarray] = {}
+        for t in np.unique(task_of):
+            docs = read_jsonl_documents(stage1 / f"{tasks[t].task_id}.jsonl")
+            wanted = index[task_of == t]
+            sets = hasher.shingle_sets([docs[i - offsets[t]].text for i in wanted])
+            out.update(zip(wanted.tolist(), sets, strict=True))
+        return out
+
+    return source
 
 
 def _cluster_examples(

@@ -19,6 +19,11 @@ VALID_CN_ID = "11010519491231002X"  # the standard's published example
         ("Call +44 20 7946 0958.", "Call <PHONE>.", "PHONE"),
         ("手机号13812345678，请联系。", "手机号<PHONE>，请联系。", "PHONE"),
         ("电话 +86 138 1234 5678 。", "电话 <PHONE> 。", "PHONE"),
+        ("办公室电话010-62345678，欢迎来电。", "办公室电话<PHONE>，欢迎来电。", "PHONE"),
+        ("深圳分部0755-2345678转人工。", "深圳分部<PHONE>转人工。", "PHONE"),
+        ("座机：（021）6234 5678", "座机：<PHONE>", "PHONE"),
+        ("Tel (0571) 87654321 ext.", "Tel <PHONE> ext.", "PHONE"),
+        ("总机 020 83456789-808 。", "总机 <PHONE> 。", "PHONE"),
         ("Server at 192.168.1.20 is down.", "Server at <IP_ADDRESS> is down.", "IP_ADDRESS"),
         ("IPv6 2001:db8:85a3::8a2e:370:7334 ok", "IPv6 <IP_ADDRESS> ok", "IP_ADDRESS"),
         (f"身份证号{VALID_CN_ID}。", "身份证号<CN_ID>。", "CN_ID"),
@@ -43,6 +48,11 @@ def test_true_positives(text, expected, kind):
         "Values 999.1.1.1 out of range.",
         "Reference 12345678901 at 10:30:15.",  # 11 digits, not a Chinese mobile prefix
         "user at example dot com",
+        "订单号07552345678已发货，共3件。",  # a bare digit run: no separator after the area code
+        "2019-2023年营收增长了12%，员工1200人。",  # years and counts
+        "编号010-12345678作废。",  # local numbers never start with 1
+        "批次 0755-0012345 入库。",  # nor with 0
+        "From 2010-2345678 records were read.",  # no leading zero: not an area code
     ],
 )
 def test_false_positives_left_alone(text):

@@ -1,4 +1,5 @@
-"""PII scrubbing: emails, phone numbers, IP addresses, Chinese resident ID numbers, credit cards.
+"""PII scrubbing: emails, phone numbers (mainland mobiles and landlines, international, North American),
+IP addresses, Chinese resident ID numbers, credit cards.
 
 Each match becomes a typed placeholder (`<EMAIL>`, `<PHONE>`, `<IP_ADDRESS>`, `<CN_ID>`,
 `<CREDIT_CARD>`) and is counted by type. Numbers with a checksum are only replaced when the checksum
@@ -27,6 +28,14 @@ IPV6 = re.compile(
     r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])|(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}(?![:\w])"
 )
 CN_MOBILE = re.compile(r"(?<![\d+])(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
+# Mainland landline: area code (010, 02x, or 0 + three digits starting 3-9) set off by a hyphen, a space or
+# (full-width) parentheses, then a 7-8 digit local number that never starts with 0 or 1. The separator is
+# required, so a bare digit run (an order number, a timestamp) is never read as a phone number. The
+# boundaries are ASCII letters and digits only: Chinese text runs straight into the number.
+CN_LANDLINE = re.compile(
+    r"(?<![0-9A-Za-z+-])(?:[(（]0(?:10|2\d|[3-9]\d{2})[)）][ -]?|0(?:10|2\d|[3-9]\d{2})[ -])"
+    r"[2-9]\d{2,3}[ -]?\d{4}(?:-\d{1,5})?(?![0-9A-Za-z-])"
+)
 # International (+country code) or North-American style; needs separators or a "+" so bare numbers
 # (years, counts, order ids) do not match.
 PHONE = re.compile(
@@ -72,6 +81,7 @@ DETECTORS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
     ("IP_ADDRESS", IPV4, None),
     ("IP_ADDRESS", IPV6, None),
     ("PHONE", CN_MOBILE, None),
+    ("PHONE", CN_LANDLINE, None),
     ("PHONE", PHONE, _valid_phone),
 ]
 PII_TYPES = ("EMAIL", "PHONE", "IP_ADDRESS", "CN_ID", "CREDIT_CARD")

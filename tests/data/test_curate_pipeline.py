@@ -120,6 +120,35 @@ def test_missing_text_field_is_reported_not_fatal(tmp_path):
     assert "a.jsonl:1: no string field 'text' (fields: body)" in stats.errors[0]
 
 
+def test_record_fields_survive_curation_in_metadata(tmp_path):
+    """Labels and provenance of jsonl/json/csv/parquet records reach the curated output's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"content": doc_text(i), "uid": f"u{i}", "label": i % 3, "tags": ["a", str(i)]} for i in range(4)]
+    rows[0]["source"] = "crawl-2024"  # collides with lmstack's own `source` key: kept as record_source
+    (raw / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (raw / "b.csv").write_text(f'content,uid,label\n"{doc_text(5)}",u5,2\n')
+    table = pa.table(
+        {"content": [doc_text(6)], "uid": ["u6"], "when": pa.array([1_700_000_000_000], pa.timestamp("ms"))}
+    )
+    pq.write_table(table, raw / "c.parquet")
+    values = {
+        "sources": [{"name": "raw", "paths": ["raw"], "text_field": "content", "id_field": "uid"}],
+        "pipeline": [],
+    }
+    run_recipe(parse_recipe(values, tmp_path), tmp_path / "out", workers=1, progress=False)
+    out = [json.loads(line) for f in sorted((tmp_path / "out" / "data").glob("*.jsonl")) for line in f.open()]
+    meta = {r["id"]: r["metadata"] for r in out}
+    assert meta["u0"]["label"] == 0 and meta["u0"]["tags"] == ["a", "0"]
+    assert meta["u0"]["record_source"] == "crawl-2024" and meta["u0"]["source"] == "raw"
+    assert meta["u1"]["label"] == 1 and "uid" not in meta["u1"] and "content" not in meta["u1"]
+    assert meta["u5"]["label"] == "2"  # csv values are strings
+    assert meta["u6"]["when"].startswith("2023-11-14")
+
+
 def test_hf_saved_dataset_and_warc_readers(tmp_path):
     write_hf_dataset(tmp_path / "hf", [doc_text(20), doc_text(21)])
     docs, _ = read_all(SourceConfig(name="hf", paths=["hf"], text_field="content"), tmp_path)

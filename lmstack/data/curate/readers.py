@@ -176,7 +176,26 @@ def _read_records(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
             continue
         has_id = task.id_field and task.id_field in record
         doc_id = str(record[task.id_field]) if has_id else f"{task.source}/{local_id}"
-        yield Document(text=text, id=doc_id, metadata={"file": task.path})
+        yield Document(text=text, id=doc_id, metadata=record_metadata(record, task))
+
+
+# Keys lmstack itself writes into metadata; a record field of the same name is kept as `record_<name>`.
+RESERVED_METADATA = ("file", "source", "language", "url", "format", "copy")
+
+
+def record_metadata(record: dict, task: ReadTask) -> dict:
+    """Every field of a record except its text and id, so provenance and labels survive curation.
+
+    Values that JSON cannot hold (timestamps, bytes from parquet) are kept as strings."""
+    metadata: dict = {}
+    for key, value in record.items():
+        key = str(key)
+        if key in (task.text_field, task.id_field):
+            continue
+        name = f"record_{key}" if key in RESERVED_METADATA or key.startswith("_") else key
+        metadata[name] = json.loads(json.dumps(value, ensure_ascii=False, default=str))
+    metadata["file"] = task.path
+    return metadata
 
 
 def _read_html(task: ReadTask, stats: BlockStats) -> Iterator[Document]:

@@ -82,6 +82,13 @@ class KVCache:
         self._check_room(past + T)
         return self.positions[past : past + T], past + T - 1, attention_mask(T, past, None, device)
 
+    def extend(self, n: int) -> None:
+        """Room for n more positions (prefix/prompt adapters put virtual positions before the prompt)."""
+        self.k = [torch.cat([k, k.new_zeros(*k.shape[:2], n, k.shape[3])], dim=2) for k in self.k]
+        self.v = [torch.cat([v, v.new_zeros(*v.shape[:2], n, v.shape[3])], dim=2) for v in self.v]
+        self.max_len += n
+        self.positions = torch.arange(self.max_len, device=self.positions.device)
+
     def reorder(self, index: Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. sequences still generating)."""
         self.k = [k.index_select(0, index) for k in self.k]

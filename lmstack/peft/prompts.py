@@ -95,7 +95,6 @@ class VirtualTokens(nn.Module):
         else:  # ptuning-v2
             self.embedding = nn.Parameter(torch.randn(n, kv_width, device=init_embeddings.device) * 0.02)
         self.busy = False  # True while computing the soft prompt's own keys/values
-        self.enabled = True
 
     def kv_table(self) -> Tensor:
         """(n, n_layer * 2 * n_kv_head * head_dim): what a PEFT-format file stores as prompt_embeddings."""
@@ -123,14 +122,10 @@ class VirtualTokens(nn.Module):
 
 
 def _fill_generation_cache(cache: Any, kv: list[tuple[Tensor, Tensor]]) -> None:
-    """Write the virtual positions into an empty generation cache (growing a contiguous one to fit)."""
-    from lmstack.model.transformer import KVCache
-
+    """Write the virtual positions into an empty generation cache (growing it to fit when it can)."""
     n = kv[0][0].shape[2]
-    if isinstance(cache, KVCache):
-        cache.k = [torch.cat([torch.zeros_like(k[:, :, :n]), k], dim=2) for k in cache.k]
-        cache.v = [torch.cat([torch.zeros_like(v[:, :, :n]), v], dim=2) for v in cache.v]
-        cache.max_len += n
+    if hasattr(cache, "extend"):  # KVCache: sized for prompt + new tokens, so make room for the prefix
+        cache.extend(n)
     for layer, (k, v) in enumerate(kv):
         cache.update(layer, k, v)
     cache.advance(n)
@@ -140,7 +135,7 @@ def virtual_tokens_pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any
     """Put the virtual positions in front of this forward: into its training cache, or into an empty
     generation cache before its first step (later decode steps find them there already)."""
     prompt: VirtualTokens = model.peft_prompt
-    if prompt.busy or not prompt.enabled:
+    if prompt.busy:
         return args, kwargs
     cache = kwargs.get("cache")
     if cache is not None and not isinstance(cache, TrainingCache):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,8 +298,6 @@ class SFTTrainer(Trainer):
         return question[-1]["content"][:80] + " -> ", tokenizer.decode(new, skip_special_tokens=True)
 
     def save(self) -> Path:
-        import time
-
         state = {
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
@@ -351,14 +350,14 @@ def _check_same_run(cfg: SFTConfig, ckpt: Path) -> None:
         )
 
 
-def preflight(cfg: SFTConfig, resume: bool) -> None:
-    """What `--nproc-per-node` checks once before starting processes."""
+def preflight(cfg: SFTConfig, resume: bool) -> Path | None:
+    """What is checked once before any process starts; returns the checkpoint `--resume` continues."""
     if cfg.parallel == "fsdp" and cfg.peft.method not in MODEL_METHODS:
         raise LmstackError(
             f"--set parallel=fsdp shards the model; adapter method {cfg.peft.method!r} trains with DDP "
             "(the base is frozen, only the adapter's gradients are all-reduced); use parallel=ddp"
         )
-    _checkpoint_to_resume(cfg, resume)
+    return _checkpoint_to_resume(cfg, resume)
 
 
 def finetune(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
@@ -369,8 +368,7 @@ def finetune(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    preflight(cfg, resume)
-    ckpt = _checkpoint_to_resume(cfg, resume)
+    ckpt = preflight(cfg, resume)
     data = prepare(cfg)
     ctx = init_distributed(resolve_device(cfg.device))
     try:

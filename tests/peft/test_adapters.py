@@ -166,3 +166,26 @@ def test_adalora_prunes_to_budget_and_round_trips(tmp_path, batch):
         theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=batch[0]).logits
     torch.testing.assert_close(reloaded, ours, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning-v2"])
+def test_virtual_tokens_decode_through_the_kv_cache(method):
+    """Greedy decoding with the KV cache (virtual positions written in before the first step) equals
+    decoding that recomputes the whole sequence every step."""
+    from lmstack.engine.generate import SamplingParams, generate_tokens
+
+    model = _adapted(method, num_virtual_tokens=3)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    cached = list(generate_tokens(model, [5, 9, 17, 3], params))
+    assert cached == list(generate_tokens(model, [5, 9, 17, 3], params, use_cache=False))
+
+
+def test_prompt_tuning_equals_prepended_embeddings(batch):
+    model = _adapted("prompt", num_virtual_tokens=3)
+    with torch.no_grad():
+        ours = model(batch[0]).logits
+        soft = model.peft_prompt.embedding[None].expand(batch[0].shape[0], -1, -1)
+        model.peft_prompt.busy = True  # run the plain model on [soft prompt; tokens]
+        prepended = model(None, inputs_embeds=torch.cat([soft, model.tok_emb(batch[0])], dim=1)).logits
+        model.peft_prompt.busy = False
+    torch.testing.assert_close(ours, prepended[:, 3:], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from lmstack import __version__
 from lmstack.errors import LmstackError
 
 
@@ -253,6 +254,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmstack", description="The whole LLM stack in one PyTorch codebase.")
+    parser.add_argument("--version", action="version", version=f"lmstack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable, help: str, parent=sub) -> argparse.ArgumentParser:

@@ -70,3 +70,12 @@ def test_unknown_recipe_key_names_the_key(tmp_path, capsys):
 def test_console_script_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "lmstack.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "quickstart" in proc.stdout
+
+
+def test_version_flag(capsys):
+    import lmstack
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lmstack {lmstack.__version__}"

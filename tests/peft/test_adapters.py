@@ -189,3 +189,22 @@ def test_prompt_tuning_equals_prepended_embeddings(batch):
         prepended = model(None, inputs_embeds=torch.cat([soft, model.tok_emb(batch[0])], dim=1)).logits
         model.peft_prompt.busy = False
     torch.testing.assert_close(ours, prepended[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_engine_serves_adapters_switched_per_call(tmp_path):
+    """The paged, batched engine runs LoRA-family adapters in their slots; set_adapter switches between calls."""
+    from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
+    from lmstack.engine.generate import generate_tokens
+
+    save_adapter(_adapted("lora", seed=3), tmp_path / "a", "base")
+    save_adapter(_adapted("dora", seed=4), tmp_path / "b", "base")
+    model = tiny_model()
+    load_adapter(model, tmp_path / "a", name="a")
+    load_adapter(model, tmp_path / "b", name="b")
+    engine = LLMEngine(model, None, EngineConfig(max_batch_tokens=64, kv_cache_mb=4))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 17, 3], [40, 2, 2, 8, 11]]
+    for name in ("a", "b", None):
+        set_adapter(model, name)
+        served = [out.outputs[0].token_ids for out in engine.generate(prompts, params)]
+        assert served == [list(generate_tokens(model, p, params)) for p in prompts], name

@@ -17,7 +17,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lmstack.errors import LmstackError
 
@@ -78,9 +78,17 @@ def record_text(record: Any, text_field: str, where: str, on_problem: OnProblem)
     return text
 
 
-def iter_jsonl_records(path: Path, on_problem: OnProblem) -> Iterator[Record]:
+def iter_jsonl_records(path: Path, on_problem: OnProblem, start: int = 0, end: int = 0) -> Iterator[Record]:
+    """Records of a jsonl file, or of the lines in bytes [start, end) when a range is given (end 0: to the
+    end of the file). Ranges must begin at a line start; line numbers stay those of the whole file."""
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        line_no = _count_lines_before(f, start) if start else 0
+        f.seek(start)
+        while not end or f.tell() < end:
+            raw = f.readline()
+            if not raw:
+                break
+            line_no += 1
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
@@ -93,6 +101,32 @@ def iter_jsonl_records(path: Path, on_problem: OnProblem) -> Iterator[Record]:
                 on_problem(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json")
                 continue
             yield where, f"{path.name}:{line_no}", record
+
+
+def _count_lines_before(f: BinaryIO, offset: int, block: int = 1 << 22) -> int:
+    f.seek(0)
+    count, left = 0, offset
+    while left > 0:
+        chunk = f.read(min(block, left))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def line_aligned_ranges(path: Path, size: int) -> list[tuple[int, int]]:
+    """Cut a file into byte ranges of about `size` bytes that start at line starts: [(start, end), ...]."""
+    total = path.stat().st_size
+    ranges, start = [], 0
+    with open(path, "rb") as f:
+        while start < total:
+            f.seek(min(start + size, total))
+            f.readline()  # move to the start of the next line
+            end = min(f.tell(), total)
+            ranges.append((start, end))
+            start = end
+    return ranges
 
 
 def iter_json_records(path: Path, on_problem: OnProblem) -> Iterator[Record]:
@@ -152,10 +186,13 @@ def iter_batch_records(path: Path, batches: Iterable[Any], on_problem: OnProblem
             row += 1
 
 
-def iter_records(path: Path, fmt: str, on_problem: OnProblem, text_field: str = "text") -> Iterator[Record]:
-    """Records of a file in a record format (jsonl, json, csv, parquet, arrow)."""
+def iter_records(
+    path: Path, fmt: str, on_problem: OnProblem, text_field: str = "text", byte_range: tuple[int, int] = (0, 0)
+) -> Iterator[Record]:
+    """Records of a file in a record format (jsonl, json, csv, parquet, arrow); jsonl may be read in a
+    line-aligned byte range (see `line_aligned_ranges`)."""
     if fmt == "jsonl":
-        return iter_jsonl_records(path, on_problem)
+        return iter_jsonl_records(path, on_problem, *byte_range)
     if fmt == "json":
         return iter_json_records(path, on_problem)
     if fmt == "csv":

@@ -382,3 +382,30 @@ def test_read_task_ids_are_stable(tmp_path):
     tasks = make_tasks(3, SourceConfig(name="raw", paths=["raw"], text_field="content"), tmp_path)
     assert tasks == make_tasks(3, SourceConfig(name="raw", paths=["raw"], text_field="content"), tmp_path)
     assert tasks[0] == ReadTask("03-raw-00000", "raw", "jsonl", str(tmp_path / "raw" / "bad.jsonl"), "content")
+
+
+def test_one_big_jsonl_file_is_shared_by_workers(tmp_path):
+    """A single large jsonl input is cut into line-aligned byte ranges: two workers both get work, and the
+    corpus equals the one-task run; bad lines are still reported with their line number in the file."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps({"content": doc_text(i), "uid": f"u{i}"}) for i in range(60)]
+    lines[45] = "{broken"
+    (raw / "big.jsonl").write_text("\n".join(lines) + "\n")
+    source = {"name": "raw", "paths": ["raw"], "text_field": "content", "id_field": "uid"}
+    split = parse_recipe({"sources": [{**source, "split_bytes": 4000}], "pipeline": []}, tmp_path)
+    whole = parse_recipe({"sources": [{**source, "split_bytes": 0}], "pipeline": []}, tmp_path)
+    tasks = make_tasks(0, split.sources[0], tmp_path)
+    assert len(tasks) > 4 and tasks[0].start == 0 and tasks[-1].end == (raw / "big.jsonl").stat().st_size
+    assert all(a.end == b.start for a, b in zip(tasks, tasks[1:], strict=False))
+
+    def records(summary_out: Path) -> list[str]:
+        return sorted(line for f in (summary_out / "data").glob("*.jsonl") for line in f.read_text().splitlines())
+
+    one = run_recipe(whole, tmp_path / "one", workers=1, progress=False)
+    two = run_recipe(split, tmp_path / "two", workers=2, progress=False)
+    assert records(tmp_path / "two") == records(tmp_path / "one")
+    assert one["documents_written"] == two["documents_written"] == 59
+    stage1 = [json.loads(p.read_text()) for p in (tmp_path / "two" / "work" / "stage1").glob("*.json")]
+    errors = [e for m in stage1 for s in m["stats"] for e in s.get("errors", [])]
+    assert any("big.jsonl:46: malformed JSON" in e for e in errors), errors

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from lmstack.data.curate.collect import WebConfig
 from lmstack.data.curate.document import BlockStats, Document
-from lmstack.data.files import SUFFIX_FORMATS, OnProblem, decode, iter_records, read_text_file, record_text
+from lmstack.data.files import (
+    SUFFIX_FORMATS,
+    OnProblem,
+    decode,
+    iter_records,
+    line_aligned_ranges,
+    read_text_file,
+    record_text,
+)
 from lmstack.errors import LmstackError, require
 
 SUFFIX_TYPES = {
@@ -43,10 +51,14 @@ class SourceConfig:
     weight: float = 0.0
     target_tokens: int = 0
     web: WebConfig | None = None
+    # jsonl files larger than this are read as several tasks of about this many bytes (cut at line starts),
+    # so parallel workers share one big file; 0 keeps one task per file.
+    split_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         require(self.type in SOURCE_TYPES, f"source {self.name!r}: type must be one of {', '.join(SOURCE_TYPES)}")
         require(self.weight >= 0 and self.target_tokens >= 0, f"source {self.name!r}: weight must be >= 0")
+        require(self.split_bytes >= 0, f"source {self.name!r}: split_bytes must be >= 0, got {self.split_bytes}")
         if self.type == "web":
             require(
                 self.web is not None,
@@ -66,6 +78,8 @@ class ReadTask:
     path: str
     text_field: str = "text"
     id_field: str = ""
+    start: int = 0  # a byte range of a jsonl file (line-aligned); end 0 reads to the end of the file
+    end: int = 0
 
 
 def list_files(source: SourceConfig, base: Path) -> list[tuple[str, Path]]:
@@ -123,7 +137,12 @@ def _arrow_files(path: Path) -> list[Path]:
 
 
 def make_tasks(source_index: int, source: SourceConfig, base: Path) -> list[ReadTask]:
-    files = list_files(source, base)
+    pieces: list[tuple[str, Path, int, int]] = []
+    for kind, path in list_files(source, base):
+        if kind == "jsonl" and source.split_bytes and path.stat().st_size > source.split_bytes:
+            pieces.extend((kind, path, start, end) for start, end in line_aligned_ranges(path, source.split_bytes))
+        else:
+            pieces.append((kind, path, 0, 0))
     return [
         ReadTask(
             f"{source_index:02d}-{source.name}-{i:05d}",
@@ -132,8 +151,10 @@ def make_tasks(source_index: int, source: SourceConfig, base: Path) -> list[Read
             str(p),
             source.text_field,
             source.id_field,
+            start,
+            end,
         )
-        for i, (kind, p) in enumerate(files)
+        for i, (kind, p, start, end) in enumerate(pieces)
     ]
 
 
@@ -170,7 +191,8 @@ def _read_records(task: ReadTask, stats: BlockStats) -> Iterator[Document]:
     """jsonl, json, csv, parquet and saved-dataset arrow files: one document per record."""
     on_problem = _skip_and_count(stats)
     fmt = "arrow" if task.type == "hf" else task.type
-    for where, local_id, record in iter_records(Path(task.path), fmt, on_problem, task.text_field):
+    records = iter_records(Path(task.path), fmt, on_problem, task.text_field, (task.start, task.end))
+    for where, local_id, record in records:
         text = record_text(record, task.text_field, where, on_problem)
         if text is None:
             continue

@@ -54,6 +54,7 @@ def generate_tokens(
     if use_cache:
         cache = KVCache(model.cfg, 1, len(prompt_ids) + budget, device, model.tok_emb.weight.dtype)
     step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    next_id = torch.empty(1, 1, dtype=torch.long, device=device)  # refilled each step, never reallocated
     for _ in range(budget):
         logits = model(step_input, cache=cache, last_logits_only=True).logits[0, -1]
         token = sampler.sample(logits, history)
@@ -62,7 +63,7 @@ def generate_tokens(
         yield token
         sampler.accept(token)
         history.append(token)
-        next_id = torch.tensor([[token]], dtype=torch.long, device=device)
+        next_id.fill_(token)
         step_input = next_id if use_cache else torch.cat([step_input, next_id], dim=1)
 
 

@@ -131,15 +131,16 @@ class TokenSampler:
     def adjusted_logits(self, logits: Tensor, history: list[int]) -> Tensor:
         """Penalties and the constraint applied to one row of logits (V,), as float32."""
         p = self.params
-        logits = logits.float().clone()
+        logits = logits.float()  # out-of-place steps below: the model's logits stay untouched
         if p.repetition_penalty != 1.0 and history:
             ids = torch.tensor(history, device=logits.device).unique()
             logits = apply_repetition_penalty(logits[None], ids[None], p.repetition_penalty)[0]
         if (p.presence_penalty or p.frequency_penalty) and self.counts:
             ids = torch.tensor(list(self.counts), device=logits.device)
             counts = torch.tensor(list(self.counts.values()), device=logits.device, dtype=logits.dtype)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+            logits = logits.index_add(0, ids, -(p.presence_penalty + p.frequency_penalty * counts))
         if self.constraint is not None:
+            logits = logits.clone()
             self.constraint.mask(logits)
         return logits
 

@@ -130,10 +130,16 @@ def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[Tensor, Ten
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, n_head, T, head_dim); cos/sin broadcastable to it."""
+    """x: (B, n_head, T, head_dim); cos/sin broadcastable to it, halves duplicated (see `rope_tables`).
+
+    HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin == roll(x, half) * [-sin, sin]:
+    one roll of x instead of a negation and a concatenation, bit-identical, and forward + backward
+    take about half the time (the sign goes onto the small table, not the activations).
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    x32 = x.float()
+    return (x32 * cos + x32.roll(half, dims=-1) * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):

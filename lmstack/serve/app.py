@@ -543,8 +543,6 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
             )
         encoded.append(ids)
     limits = [_check_context(model, len(ids), body.max_tokens, "prompt") for ids in encoded]
-    if body.max_tokens == 0 and not body.echo:
-        raise bad_request("max_tokens 0 generates nothing; pass echo=true to score the prompt or raise max_tokens")
     runs = []
     streams = []
     for ids, limit in zip(encoded, limits, strict=True):

@@ -58,10 +58,15 @@ class ChatMessage(Strict):
             return self.content
         pieces = []
         for j, part in enumerate(self.content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise bad_request(
                     f"messages[{index}].content[{j}] has type {part.get('type')!r}; this server's models read "
                     "text only, so send content as a string or as parts of type 'text'",
+                    param=f"messages[{index}].content",
+                )
+            if not isinstance(part.get("text"), str):
+                raise bad_request(
+                    f'messages[{index}].content[{j}] needs a string \'text\': {{"type": "text", "text": "..."}}',
                     param=f"messages[{index}].content",
                 )
             pieces.append(part["text"])
@@ -129,7 +134,7 @@ class SamplingFields(Strict):
     stop: str | list[str] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch.Generator accepts
     user: str | None = None
     logit_bias: dict[str, Number] | None = None
     # Extensions (vLLM's names).
@@ -203,6 +208,11 @@ class CompletionRequest(SamplingFields):
         self.check_common()
         if self.suffix:
             raise bad_request("suffix (fill-in-the-middle) is not supported by this server's models", param="suffix")
+        if self.max_tokens == 0:  # OpenAI allows it with echo to score a prompt
+            raise bad_request(
+                "max_tokens must be at least 1 (scoring a prompt alone, echo with max_tokens 0, is not supported)",
+                param="max_tokens",
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported; leave it out", param="best_of")
 

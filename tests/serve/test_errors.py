@@ -43,6 +43,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": "tiny-a", "messages": []}, "at least 1 item"),
         ({"model": "tiny-a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
         ({"model": "tiny-a", "messages": HELLO, "top_p": 0}, "greater than 0"),
+        ({"model": "tiny-a", "messages": HELLO, "seed": 10**30}, "seed"),
+        ({"model": "tiny-a", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "needs a string 'text'"),
     ],
 )
 def test_bad_chat_bodies(server, body, words):
@@ -50,18 +52,20 @@ def test_bad_chat_bodies(server, body, words):
     assert error["type"] == "invalid_request_error" and words in error["message"]
 
 
-def test_bad_completion_and_embedding_bodies(server):
-    url = server[0]
-    assert (
-        "outside the vocabulary"
-        in error_of(post(url, {"model": "tiny-a", "prompt": [1, 10**9]}, "/v1/completions"), 400)["message"]
-    )
-    assert (
-        "suffix"
-        in error_of(post(url, {"model": "tiny-a", "prompt": "a", "suffix": "b"}, "/v1/completions"), 400)["message"]
-    )
-    assert error_of(post(url, {"model": "tiny-a", "input": []}, "/v1/embeddings"), 400)["param"] == "input"
-    assert "empty" in error_of(post(url, {"model": "tiny-a", "input": [""]}, "/v1/embeddings"), 400)["message"]
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/v1/completions", {"prompt": [1, 10**9]}, "outside the vocabulary"),
+        ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": True}, "at least 1"),
+        ("/v1/completions", {"prompt": ""}, "empty"),
+        ("/v1/embeddings", {"input": []}, "input"),
+        ("/v1/embeddings", {"input": [""]}, "empty"),
+        ("/v1/embeddings", {"input": ["a"], "dimensions": 1000}, "exceeds"),
+    ],
+)
+def test_bad_completion_and_embedding_bodies(server, path, body, words):
+    assert words in error_of(post(server[0], {"model": "tiny-a", **body}, path), 400)["message"]
 
 
 def test_unknown_model_is_404(client):

@@ -89,3 +89,22 @@ def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "sse9")
     with pytest.raises(LmstackError, match="not a kernel choice"):
         kernels.selected_isa()
+
+
+def test_without_the_extension_layers_run_through_torch(monkeypatch):
+    q = Int4Linear.from_float(nn.Linear(64, 8), 32, symmetric=False)
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(kernels, "extension", lambda: None)
+    kernels._isa_from_env.cache_clear()
+    try:
+        assert kernels.available_isas() == [] and kernels.selected_isa() is None
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+    finally:
+        kernels._isa_from_env.cache_clear()
+
+
+def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LMSTACK_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert kernels.extension.__wrapped__() is None

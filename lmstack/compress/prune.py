@@ -265,7 +265,7 @@ def prune_model(
         else:
             model = prune_layers(model, sparsity, tokens)
         if recovery_steps and tokens is not None:
-            report.recovery_losses = short_finetune(model, tokens, recovery_steps, recovery_lr)
+            report.recovery_losses = short_finetune(model, tokens, recovery_steps, recovery_lr, batch_size=8)
         after = sum(p.numel() for p in model.parameters())
         report.overall = 1 - after / params_before
         report.shape = {f: getattr(model.cfg, f) for f in ("n_layer", "n_head", "n_kv_head", "d_ff")}

@@ -32,7 +32,7 @@ def test_global_magnitude_uses_one_threshold():
     original = trained_tiny_model()
     for name, lin in named_block_linears(original).items():
         removed = named_block_linears(model)[name].weight == 0
-        pruned_max = max(pruned_max, float(lin.weight[removed].abs().max()))
+        pruned_max = max(pruned_max, float(lin.weight.detach()[removed].abs().max()))
     assert pruned_max <= float(survivors.min())
     assert report.overall == pytest.approx(0.5, abs=0.001)
     assert len(set(round(v, 2) for v in report.layers.values())) > 1  # layers differ under a global threshold
@@ -53,11 +53,13 @@ def test_two_four_pattern_is_exact_and_wanda_beats_magnitude():
 )
 def test_structured_pruning_shrinks_shapes_and_recovery_lowers_the_loss(method, field, expected):
     data = markov_tokens(64, seed=7)
-    model, report = prune_model(trained_tiny_model(), method, 0.5, data, recovery_steps=15, recovery_lr=3e-3)
+    model, report = prune_model(trained_tiny_model(), method, 0.5, data, recovery_steps=15, recovery_lr=1e-3)
     assert getattr(model.cfg, field) == expected
     assert model.cfg.n_head % model.cfg.n_kv_head == 0
     assert report.params_after < report.params_before
-    assert report.recovery_losses[-1] < report.recovery_losses[0]
+    unrecovered, _ = prune_model(trained_tiny_model(), method, 0.5, data, recovery_steps=0)
+    assert token_loss(model, data) < token_loss(unrecovered, data)
+    assert len(report.recovery_losses) == 15
     with torch.no_grad():
         assert model(data[:2]).logits.shape == (2, data.shape[1], model.cfg.vocab_size)
 
@@ -80,7 +82,7 @@ def test_prune_cli_writes_a_model_reference_eval_accepts(tmp_path, capsys):
     out = tmp_path / "pruned"
     argv = ["prune", "--model", str(tmp_path / "m"), "--method", "wanda", "--sparsity", "0.4", "--out", str(out)]
     assert main([*argv, "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "64"]) == 0
-    assert "overall 0.4" in capsys.readouterr().out
+    assert "overall 0.39" in capsys.readouterr().out  # floor(0.4 * 64) = 25 of every 64-weight row
     assert json.loads((out / "config.json").read_text())["pruning"]["method"] == "wanda"
     from lmstack.hub import load_model
 

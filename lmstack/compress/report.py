@@ -103,7 +103,9 @@ def measure_variant(directory: Path, reference_file: Path, limit: int, decode_to
     from lmstack.eval import evaluate
     from lmstack.eval.agreement import ReferenceContinuations
 
-    model, tokenizer = load_for_inference(str(directory), "cpu", None)
+    saved_dtype = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("dtype")
+    # A bf16 variant runs in bf16; everything else in float32 activations (quantized weights stay packed).
+    model, tokenizer = load_for_inference(str(directory), "cpu", "bfloat16" if saved_dtype == "bfloat16" else None)
     prompt = tokenizer.encode("The harbour town woke slowly on winter mornings.")
     params = SamplingParams(max_new_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
     list(generate_tokens(model, prompt, params))  # warm-up: kernels built, caches allocated

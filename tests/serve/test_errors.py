@@ -189,3 +189,38 @@ def test_api_key(keyed_server):
     # Bad input behind the key is still a 400, not a 401 or 500.
     bad = post(url, b"{", key="s3cret")
     assert json.loads(bad.text)["error"]["code"] == "invalid_json"
+
+
+CHAT_FIELDS = sorted(
+    ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream"]
+    + ["stream_options", "stop", "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias", "top_k"]
+    + ["min_p", "repetition_penalty", "ignore_eos", "logprobs", "top_logprobs", "tools", "tool_choice"]
+    + ["response_format", "parallel_tool_calls", "metadata", "store"]
+)
+
+
+def test_no_value_of_any_field_gives_a_500(server):
+    """Any JSON value in any chat field is served or refused with a 4xx, never a server error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-3, 40) | st.sampled_from([2**70, -(2**70), 1e308, -0.5, 0.5])
+    scalars |= st.text(max_size=12)
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=6,
+    )
+
+    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(field=st.sampled_from(CHAT_FIELDS), value=values)
+    def check(field, value):
+        body = {"model": "tiny-a", "messages": HELLO, "max_tokens": 2, field: value}
+        if field in ("max_tokens", "max_completion_tokens") and isinstance(value, int) and 0 < value < 2**63:
+            body[field] = min(value, 8)  # valid sizes: keep the generation short
+        response = post(server[0], body)
+        assert response.status_code in (200, 400, 404, 413), (field, value, response.text)
+        if response.status_code != 200:
+            assert response.json()["error"]["message"]
+
+    check()

@@ -54,11 +54,11 @@ def test_gopher_quality_keeps_prose_and_names_each_rule():
     assert reason(gq, " ".join(["a b c d e f g h"] * 20)) == "avg_word_length_too_short"
     assert reason(gq, " ".join(["internationalization"] * 60)) == "avg_word_length_too_long"
     hashes = GOOD_EN + " " + " ".join(["#tag"] * 20)
-    assert reason(gq, hashes) == "symbol_word_ratio"
+    assert reason(gq, hashes) == "hash_word_ratio"
     bullets = "\n".join(f"• item number {i} of the big list with the names" for i in range(60))
     assert reason(gq, bullets) == "bullet_lines_ratio"
     ellipsis_lines = "\n".join(f"Read more about the story number {i} and the rest of it..." for i in range(20))
-    assert reason(gq, ellipsis_lines) in ("ellipsis_lines_ratio", "symbol_word_ratio")
+    assert reason(gq, ellipsis_lines) in ("ellipsis_lines_ratio", "ellipsis_word_ratio")
     numbers = " ".join(str(i * 7919) for i in range(100)) + " the and of to"
     assert reason(gq, numbers) == "alpha_words_ratio"
     no_stop = " ".join(["apple banana cherry orange lemon melon grape"] * 10)
@@ -102,7 +102,10 @@ def test_c4_removes_bad_lines_and_drops_thin_pages():
     assert "privacy policy" not in doc.text
     assert stats.edits["lines_removed"] == 3
     assert reason(c4, GOOD_EN + "\nLorem ipsum dolor sit amet.") == "lorem_ipsum"
-    assert reason(c4, GOOD_EN + "\nfunction f() { return 1; }") == "curly_bracket"
+    # "{" and "lorem ipsum" cost the page only on lines that survive the line rules (C4's code, datatrove)
+    assert reason(c4, GOOD_EN + "\nIn code, a block such as { x = 1 } is written with braces.") == "curly_bracket"
+    assert reason(c4, GOOD_EN + "\nfunction f() { return 1; }") is None  # no end mark: the line goes first
+    assert reason(c4, GOOD_EN + "\nlorem ipsum") is None
     assert reason(c4, "One sentence only here.\nAnd another one here.") == "too_few_sentences"
     cited = run(c4, GOOD_EN.replace("floods.", "floods.[1]"))[0]
     assert "[1]" not in cited.text
@@ -220,3 +223,41 @@ def test_badwords_needs_an_existing_list(tmp_path):
         BadWordsConfig().build(tmp_path)
     with pytest.raises(LmstackError, match="not found; fix badwords.words_files"):
         BadWordsConfig(words_files=["missing.txt"]).build(tmp_path)
+
+
+def test_ngram_repetition_measures_equal_the_string_algorithm():
+    """The hashed, vectorised n-gram measures give exactly what Gopher's string loop gives."""
+    import random
+    from collections import Counter
+
+    from lmstack.data.curate.filters import _NGrams
+
+    def top_chars(tokens, n):
+        grams = [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        if not grams:
+            return 0
+        gram, count = Counter(grams).most_common(1)[0]
+        return len(gram) * count
+
+    def dup_chars(tokens, n):
+        seen, repeated, i = set(), 0, 0
+        while i < len(tokens) - n + 1:
+            gram = tuple(tokens[i : i + n])
+            if gram in seen:
+                repeated += sum(map(len, gram))
+                i += n
+            else:
+                seen.add(gram)
+                i += 1
+        return repeated
+
+    rng = random.Random(3)
+    for trial in range(200):
+        vocab = [rng.choice(["a", "bb", "ccc", "dddd", "the", "x"]) + str(k) for k in range(rng.randint(1, 12))]
+        tokens = rng.choices(vocab, k=rng.randint(0, 120))
+        if trial % 3 == 0:  # long verbatim repeats
+            tokens = tokens[:30] * 3 + tokens[30:]
+        grams = _NGrams(tokens)
+        for n in range(1, 11):
+            assert grams.top_ngram_chars(n) == top_chars(tokens, n), (trial, n)
+            assert grams.duplicated_ngram_chars(n) == dup_chars(tokens, n), (trial, n)

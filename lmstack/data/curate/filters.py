@@ -9,20 +9,30 @@ Sources of the defaults:
   characters >= 0.1, lines of <= 30 characters >= 0.67 of all lines: each drops the document).
 Chinese-aware: for CJK documents a "word" is a character (see text.py), terminal punctuation includes
 full-width marks, the average-word-length rule is skipped, and stop words come from a Chinese list.
+
+For English the rules are datatrove's (0.10) rule for rule: the same spaCy word split, the same order of
+checks, the same strict/non-strict comparisons, C4's page-level "lorem ipsum" and "{" checks on the lines
+that survive C4's line rules, sentences counted by spaCy's sentencizer. tests/data/test_filters_parity.py
+checks agreement with datatrove. Deliberate differences (docs/data.md lists them): FineWeb's
+duplicate-line character ratio defaults to the paper's 0.1 (datatrove's code: 0.01); C4's line-end marks
+include full-width ones; CJK documents count characters as words.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from lmstack.data.curate.base import Block, Filter
 from lmstack.data.curate.document import BlockStats, Document
 from lmstack.data.curate.text import (
     TERMINAL_PUNCTUATION,
+    count_sentences,
+    document_words,
     find_duplicates,
     is_cjk,
     non_symbol_words,
@@ -32,7 +42,7 @@ from lmstack.errors import LmstackError, require
 
 ENGLISH_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])  # Gopher's list
 CHINESE_STOP_WORDS = frozenset("的了是在和有我不人这他们也就都而及与着或")
-BULLETS = ("•", "-", "*", "·", "●", "◦", "▪", "‣")
+BULLETS = ("•", "-")  # Gopher's bullet marks, as datatrove reads them
 ELLIPSES = ("...", "…")
 
 
@@ -45,7 +55,7 @@ class GopherQualityConfig:
     max_doc_words: int = 100_000
     min_avg_word_length: float = 3.0
     max_avg_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # "#" and ellipses per word
+    max_symbol_word_ratio: float = 0.1  # "#" per word, and ellipses per word
     max_bullet_lines_ratio: float = 0.9
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8  # share of words with at least one alphabetic character
@@ -63,7 +73,7 @@ class GopherQualityFilter(Filter):
 
     def reason_to_drop(self, doc: Document) -> str | None:
         cfg, text, cjk = self.cfg, doc.text, is_cjk(doc)
-        tokens = words(text)
+        tokens = document_words(doc)
         content = non_symbol_words(tokens)
         n = len(content)
         if n < cfg.min_doc_words:
@@ -76,9 +86,11 @@ class GopherQualityFilter(Filter):
                 return "avg_word_length_too_short"
             if avg > cfg.max_avg_word_length:
                 return "avg_word_length_too_long"
-        symbols = text.count("#") + text.count("...") + text.count("…")
-        if symbols / n > cfg.max_symbol_word_ratio:
-            return "symbol_word_ratio"
+        # "#" and ellipses are each compared with all tokens, symbols included (Gopher; datatrove)
+        if text.count("#") / len(tokens) > cfg.max_symbol_word_ratio:
+            return "hash_word_ratio"
+        if (text.count("...") + text.count("…")) / len(tokens) > cfg.max_symbol_word_ratio:
+            return "ellipsis_word_ratio"
         lines = text.splitlines()
         if lines:
             bullets = sum(1 for line in lines if line.lstrip().startswith(BULLETS))
@@ -88,10 +100,11 @@ class GopherQualityFilter(Filter):
             if ellipsis_lines / len(lines) > cfg.max_ellipsis_lines_ratio:
                 return "ellipsis_lines_ratio"
         alpha = sum(1 for w in tokens if any(ch.isalpha() for ch in w))
-        if alpha / max(1, len(tokens)) < cfg.min_alpha_words_ratio:
+        if alpha / len(tokens) < cfg.min_alpha_words_ratio:
             return "alpha_words_ratio"
+        # distinct stop words present, as written (datatrove intersects the stop list with the word set)
         stop_words = CHINESE_STOP_WORDS if cjk else ENGLISH_STOP_WORDS
-        if sum(1 for w in content if w.lower() in stop_words) < cfg.min_stop_words:
+        if len(stop_words.intersection(tokens)) < cfg.min_stop_words:
             return "too_few_stop_words"
         return None
 
@@ -140,32 +153,86 @@ class GopherRepetitionFilter(Filter):
             return "dup_line_frac"
         if dup_line_chars / len(text) > cfg.dup_line_char_frac:
             return "dup_line_char_frac"
-        tokens = words(text)
+        tokens = document_words(doc)
+        grams = _NGrams(tokens)
         for n, limit in sorted(cfg.top_n_grams.items()):
-            grams = [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-            if grams:
-                gram, count = Counter(grams).most_common(1)[0]
-                if count > 1 and len(gram) * count / len(text) > limit:
-                    return f"top_{n}_gram"
+            if grams.top_ngram_chars(n) / len(text) > limit:
+                return f"top_{n}_gram"
         for n, limit in sorted(cfg.dup_n_grams.items()):
-            if _duplicated_ngram_chars(tokens, n) / len(text) > limit:
+            if grams.duplicated_ngram_chars(n) / len(text) > limit:
                 return f"duplicated_{n}_grams"
         return None
 
 
-def _duplicated_ngram_chars(tokens: list[str], n: int) -> int:
-    """Characters in n-grams seen before, skipping past each repeat so overlaps count once (Gopher)."""
-    seen: set[tuple[str, ...]] = set()
-    repeated, i = 0, 0
-    while i < len(tokens) - n + 1:
-        gram = tuple(tokens[i : i + n])
-        if gram in seen:
-            repeated += sum(len(w) for w in gram)
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return repeated
+class _NGrams:
+    """Gopher's n-gram repetition measures over integer n-gram hashes instead of joined strings.
+
+    Words get integer ids; an n-gram is a 64-bit polynomial hash of its ids, built for all positions at once
+    in numpy. The results equal the string versions (a hash collision between different n-grams would have
+    to happen by chance, odds ~1e-19 per pair)."""
+
+    _BASE = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, tokens: list[str]):
+        index: dict[str, int] = {}
+        self.ids = np.array([index.setdefault(w, len(index)) for w in tokens], dtype=np.uint64)
+        self.char_prefix = np.concatenate(([0], np.cumsum([len(w) for w in tokens], dtype=np.int64)))
+
+    def _hashes(self, n: int) -> np.ndarray:
+        m = self.ids.size - n + 1
+        if m <= 0:
+            return np.zeros(0, dtype=np.uint64)
+        h = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                h = h * self._BASE + self.ids[k : k + m] + np.uint64(1)
+        return h
+
+    def _chars(self, n: int) -> np.ndarray:
+        """Characters of each n-gram's words (without the spaces between them)."""
+        return self.char_prefix[n:] - self.char_prefix[:-n]
+
+    def top_ngram_chars(self, n: int) -> int:
+        """Length (words joined by spaces) x count of the most frequent n-gram, ties to the first seen."""
+        h = self._hashes(n)
+        if h.size == 0:
+            return 0
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        most = counts.max()
+        position = int(first[counts == most].min())
+        return (int(self._chars(n)[position]) + n - 1) * int(most)
+
+    def duplicated_ngram_chars(self, n: int) -> int:
+        """Characters in n-grams seen before, walking left to right and jumping n words past each repeat
+        (so overlapping repeats count once; the n-grams jumped over are not recorded as seen: Gopher's rule
+        as datatrove implements it). Positions whose n-gram occurs nowhere earlier are recorded in bulk, so
+        the walk costs Python steps only at possible repeats."""
+        h = self._hashes(n)
+        m = h.size
+        if m == 0:
+            return 0
+        _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+        candidates = np.flatnonzero(first[inverse] < np.arange(m))
+        if candidates.size == 0:
+            return 0
+        hashes, chars, cand = h.tolist(), self._chars(n).tolist(), candidates.tolist()
+        seen = set(hashes[: cand[0]])
+        repeated, i, c = 0, cand[0], 0
+        while i < m:
+            while c < len(cand) and cand[c] < i:
+                c += 1
+            following = cand[c] if c < len(cand) else m
+            if following > i:  # no earlier occurrence anywhere: new n-grams, recorded at C speed
+                seen.update(hashes[i:following])
+                i = following
+                continue
+            if hashes[i] in seen:
+                repeated += chars[i]
+                i += n
+            else:
+                seen.add(hashes[i])
+                i += 1
+        return repeated
 
 
 # --- C4 -------------------------------------------------------------------------------------------
@@ -189,13 +256,15 @@ class C4Config:
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-# ASCII terminals end a sentence only before a space, the end or a closing quote ("3.14" and "e.g."
-# mid-word do not); full-width terminals end one wherever they stand, since Chinese puts no space after them.
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$|[\"'”」』])|[。！？]+")
 
 
 class C4Filter(Block):
-    """C4 works line by line: bad lines are removed, then the page is dropped if too little remains."""
+    """C4 works line by line: bad lines are removed, then the page is dropped if too little remains.
+
+    The checks run in the order of C4's code (and datatrove's port): a line with an over-long word goes,
+    citations are cut, then terminal punctuation, words per line, "lorem ipsum" (drops the page),
+    "javascript", "{" (drops the page) and policy phrases are checked on what is left. So a curly bracket
+    or lorem ipsum on a line that was removed anyway does not cost the page."""
 
     name = "c4"
 
@@ -203,47 +272,49 @@ class C4Filter(Block):
         self.cfg = cfg
 
     def apply(self, doc: Document, stats: BlockStats) -> Document | None:
-        cfg = self.cfg
-        lowered = doc.text.lower()
-        if cfg.filter_lorem_ipsum and "lorem ipsum" in lowered:
-            stats.drop(doc, "lorem_ipsum")
-            return None
-        if cfg.filter_curly_bracket and "{" in doc.text:
-            stats.drop(doc, "curly_bracket")
-            return None
-        kept_lines, removed = self._keep_lines(doc, stats)
-        text = "\n".join(kept_lines)
-        if len(_SENTENCE_END.findall(text)) < cfg.min_sentences:
+        cfg, cjk = self.cfg, is_cjk(doc)
+        kept: list[str] = []
+        removed = sentences = 0
+        for line in doc.text.splitlines():
+            verdict = self._line_verdict(line.strip(), cjk)
+            if verdict in ("lorem_ipsum", "curly_bracket"):
+                stats.drop(doc, verdict)
+                return None
+            if verdict is None:
+                removed += 1
+                continue
+            if sentences < cfg.min_sentences:  # counting past the minimum changes nothing
+                sentences += count_sentences(verdict, cjk)
+            kept.append(verdict)
+        if sentences < cfg.min_sentences:
             stats.drop(doc, "too_few_sentences")
             return None
         stats.edits["lines_removed"] += removed
-        doc.text = text
+        doc.text = "\n".join(kept).strip()
         return doc
 
-    def _keep_lines(self, doc: Document, stats: BlockStats) -> tuple[list[str], int]:
-        cfg, cjk = self.cfg, is_cjk(doc)
-        kept: list[str] = []
-        removed = 0
-        for line in doc.text.splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            if cfg.remove_citations:
-                line = _CITATION.sub("", line)
-            lowered = line.lower()
-            tokens = words(line) if cjk else line.split()
-            drop = (
-                (cfg.filter_no_terminal_punct and (not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("...")))
-                or len(non_symbol_words(tokens)) < cfg.min_words_per_line
-                or any(len(w) > cfg.max_word_length for w in tokens)
-                or (cfg.filter_javascript and "javascript" in lowered)
-                or (cfg.filter_policy and any(p in lowered for p in _POLICY))
-            )
-            if drop:
-                removed += 1
-            else:
-                kept.append(line)
-        return kept, removed
+    def _line_verdict(self, line: str, cjk: bool) -> str | None:
+        """The line to keep (citations cut), None to remove it, or a page-level drop reason."""
+        cfg = self.cfg
+        tokens = words(line) if cjk else line.split()
+        if cfg.max_word_length > 0 and any(len(w) > cfg.max_word_length for w in tokens):
+            return None
+        if cfg.remove_citations:
+            line = _CITATION.sub("", line)
+        if cfg.filter_no_terminal_punct and (not line.endswith(TERMINAL_PUNCTUATION) or line.endswith("...")):
+            return None
+        if len(non_symbol_words(tokens) if cjk else tokens) < cfg.min_words_per_line:
+            return None
+        lowered = line.lower()
+        if cfg.filter_lorem_ipsum and "lorem ipsum" in lowered:
+            return "lorem_ipsum"
+        if cfg.filter_javascript and "javascript" in lowered:
+            return None
+        if cfg.filter_curly_bracket and "{" in line:
+            return "curly_bracket"
+        if cfg.filter_policy and any(p in lowered for p in _POLICY):
+            return None
+        return line
 
 
 # --- FineWeb --------------------------------------------------------------------------------------
@@ -251,14 +322,20 @@ class C4Filter(Block):
 
 @dataclass
 class FineWebConfig:
-    line_punct_thr: float = 0.12  # drop if the share of lines ending in punctuation is <= this
+    line_punct_thr: float = 0.12  # drop if the share of lines ending in terminal punctuation is below this
     line_punct_exclude_zero: bool = False
-    char_duplicates_ratio: float = 0.1  # the paper's value (datatrove's code default is 0.01)
-    short_line_thr: float = 0.67
+    short_line_thr: float = 0.67  # drop if more than this share of lines are short
     short_line_length: int = 30
+    char_duplicates_ratio: float = 0.1  # the paper's value (datatrove's code default is 0.01)
+    new_line_ratio: float = 0.3  # drop list-like pages: more than this many line breaks per word
 
     def build(self) -> FineWebFilter:
         return FineWebFilter(self)
+
+
+# Sentence-final marks of many scripts (Latin, Armenian, Arabic, Urdu, Devanagari, Burmese, Ethiopic,
+# Khmer, CJK): FineWeb's "line ends in terminal punctuation". Closing quotes do not count here.
+SENTENCE_FINAL = tuple("!.?։؟۔।॥။።፧។៕‼‽⁇⁈⁉。！？｡．")
 
 
 class FineWebFilter(Filter):
@@ -269,18 +346,19 @@ class FineWebFilter(Filter):
 
     def reason_to_drop(self, doc: Document) -> str | None:
         cfg = self.cfg
-        lines = [line.strip() for line in doc.text.split("\n")]
-        lines = [line for line in lines if line]
+        lines = [line for line in doc.text.split("\n") if line.strip()]
         if not lines:
             return "empty"
-        ratio = sum(1 for line in lines if line.endswith(TERMINAL_PUNCTUATION)) / len(lines)
-        if ratio <= cfg.line_punct_thr and not (ratio == 0 and cfg.line_punct_exclude_zero):
+        ratio = sum(1 for line in lines if line.endswith(SENTENCE_FINAL)) / len(lines)
+        if ratio < cfg.line_punct_thr and not (ratio == 0 and cfg.line_punct_exclude_zero):
             return "line_punct_ratio"
-        chars = len(doc.text.replace("\n", ""))
-        if find_duplicates(lines)[1] / max(1, chars) >= cfg.char_duplicates_ratio:
-            return "char_dup_ratio"
-        if sum(1 for line in lines if len(line) <= cfg.short_line_length) / len(lines) >= cfg.short_line_thr:
+        if sum(1 for line in lines if len(line) <= cfg.short_line_length) / len(lines) > cfg.short_line_thr:
             return "short_line_ratio"
+        if find_duplicates(lines)[1] / max(1, len(doc.text.replace("\n", ""))) > cfg.char_duplicates_ratio:
+            return "char_dup_ratio"
+        tokens = document_words(doc)
+        if doc.text.count("\n") / max(1, len(tokens)) > cfg.new_line_ratio:
+            return "list_ratio"
         return None
 
 

@@ -26,11 +26,6 @@ class Strict(BaseModel):
         """Rules across fields that the types cannot express; raises a 400 `APIError`."""
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class FunctionCall(Strict):
     name: str
     arguments: str

@@ -11,7 +11,6 @@ requests (freeing their KV blocks) and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
@@ -29,8 +28,6 @@ from lmstack.errors import LmstackError, require
 from lmstack.serve.app import create_app
 from lmstack.serve.generation import EngineSettings, ServedModel, load_embedder
 from lmstack.serve.router import Router, parse_ab_arg, parse_model_arg
-
-log = logging.getLogger("lmstack.serve")
 
 
 @dataclass

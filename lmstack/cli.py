@@ -103,6 +103,46 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"fine-tuned model: {summary['model']}  (try: lmstack chat --model {args.out})", file=sys.stderr)
 
 
+def _align(args: argparse.Namespace) -> None:
+    overrides = [f"base_model={args.model}", f"data={args.data}", f"out={args.out}"]
+    overrides += [f"peft.method={args.method}"] if args.method else []
+    if args.align == "grpo":
+        overrides += [f"rewards=[{','.join(args.reward)}]"] if args.reward else []
+        from lmstack.train.grpo import grpo, load_grpo_config
+
+        cfg = load_grpo_config(args.recipe, overrides + list(args.set or []))
+        s = grpo(cfg, resume=args.resume)
+        print(
+            f"held-out greedy accuracy {100 * s['accuracy_before']:.1f}% -> {100 * s['accuracy']:.1f}%, "
+            f"mean reward {s['mean_reward']:.3f}; model: {s['model']}",
+            file=sys.stderr,
+        )
+        return
+    from lmstack.train.dpo import align, load_align_config
+
+    loss = "rm" if args.align == "rm" else args.loss
+    cfg = load_align_config(args.recipe, [*overrides, f"loss={loss}", *(args.set or [])])
+    s = align(cfg, resume=args.resume)
+    print(
+        f"held-out pairs: reward margin {s['reward_margin']:+.4f}, preference accuracy "
+        f"{100 * s['preference_accuracy']:.1f}%; model: {s['model']}",
+        file=sys.stderr,
+    )
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from lmstack.train.distill import distill, load_distill_config
+
+    overrides = [f"teacher={args.teacher}", f"base_model={args.student}", f"data={args.data}", f"out={args.out}"]
+    overrides += [f"peft.method={args.method}"] if args.method else []
+    cfg = load_distill_config(args.recipe, overrides + list(args.set or []))
+    s = distill(cfg, resume=args.resume)
+    print(
+        f"student held-out loss {s['val_loss']:.4f} (teacher {s['teacher_val_loss']:.4f}); model: {s['model']}",
+        file=sys.stderr,
+    )
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmstack.peft.merge import merge_to_dir
 
@@ -326,6 +366,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="sft: decoder chat fine-tuning; classify: encoder + classification head on text/label jsonl; "
         "embed: contrastive (MNRL) encoder training on query/positive jsonl (docs/rag.md)",
     )
+    align = sub.add_parser("align", help="preference optimization, reward models and RL (docs/finetuning.md)")
+    align_sub = align.add_subparsers(dest="align", required=True, metavar="KIND")
+    for kind, help_text in (
+        ("dpo", "preference optimization on prompt/chosen/rejected jsonl (--loss dpo|ipo|simpo|orpo)"),
+        ("rm", "reward model: scalar head, pairwise Bradley-Terry loss on prompt/chosen/rejected jsonl"),
+        ("grpo", "GRPO: group sampling through the engine, rewards from Python functions"),
+    ):
+        p = command(kind, _align, help_text, parent=align_sub)
+        p.add_argument("--model", required=True, help="policy: alias, lmstack/HF dir, .gguf or run dir")
+        p.add_argument("--data", required=True, help="jsonl: prompt/chosen/rejected rows (grpo: prompt + columns)")
+        p.add_argument("--out", required=True, help="run directory; OUT/checkpoint is the trained model reference")
+        p.add_argument("--method", choices=METHODS, default=None, help="default: lora (same as --set peft.method=M)")
+        p.add_argument("--recipe", help="YAML recipe with the run's keys (see docs/finetuning.md)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+        if kind == "dpo":
+            p.add_argument("--loss", choices=["dpo", "ipo", "simpo", "orpo"], default="dpo")
+        if kind == "grpo":
+            p.add_argument(
+                "--reward",
+                action="append",
+                default=[],
+                metavar="FN",
+                help="reward function: exact_match, format, module:function or file.py:function (repeatable; "
+                "default: exact_match and format)",
+            )
+    p = command("distill", _distill, "knowledge distillation: soft teacher targets (cached top-k) + hard labels")
+    p.add_argument("--teacher", required=True, help="teacher model reference")
+    p.add_argument("--student", required=True, help="student: a model reference, a preset name or a recipe .yaml")
+    p.add_argument("--data", required=True, help="jsonl of chat `messages`, Alpaca or ShareGPT rows")
+    p.add_argument("--out", required=True, help="run directory; OUT/checkpoint is the student")
+    p.add_argument("--method", choices=METHODS, default=None, help="default: full")
+    p.add_argument("--recipe", help="YAML recipe with the run's keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p = command("merge", _merge, "fold a LoRA/DoRA adapter into its base model and write an lmstack model directory")
     p.add_argument("--model", required=True, help="adapter directory (or a fine-tuning run directory)")
     p.add_argument("--out", required=True)

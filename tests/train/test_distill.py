@@ -133,3 +133,14 @@ def test_bad_input_is_refused(untrained_teacher, tmp_path):
         load_distill_config(None, ["base_model=tiny", "peft.method=lora"])
     with pytest.raises(LmstackError, match="alpha must be in"):
         load_distill_config(None, ["alpha=1.5"])
+
+
+def test_cli_distill(untrained_teacher, tmp_path, capsys):
+    from lmstack.cli import main
+
+    argv = ["distill", "--teacher", str(untrained_teacher), "--student", "tiny", "--data", str(INSTRUCTIONS)]
+    settings = ["--set", "max_steps=1", "--set", "seq_len=128", "--set", "tensorboard=false"]
+    assert main([*argv, "--out", str(tmp_path / "s"), *settings]) == 0
+    assert "student held-out loss" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "t"), "--method", "lora"]) == 2
+    assert "use --method full" in capsys.readouterr().err

@@ -193,3 +193,26 @@ def test_bad_input_fails_before_training(base_dir, tmp_path):
     )
     with pytest.raises(LmstackError, match="different vocabulary"):
         align(_config(base_dir, tmp_path / "r", f"ref_model={other}", "max_steps=1"))
+
+
+def test_cli_align_dpo_and_rm(base_dir, style_pairs, tmp_path, capsys):
+    from lmstack.cli import main
+
+    common = [
+        "--model",
+        str(base_dir),
+        "--data",
+        str(style_pairs),
+        "--set",
+        "seq_len=128",
+        "--set",
+        "tensorboard=false",
+    ]
+    assert main(["align", "dpo", "--loss", "simpo", "--out", str(tmp_path / "a"), *common, "--set", "max_steps=2"]) == 0
+    assert "preference accuracy" in capsys.readouterr().err
+    assert main(["align", "rm", "--method", "full", "--out", str(tmp_path / "b"), *common, "--set", "max_steps=1"]) == 0
+    assert (tmp_path / "b" / "checkpoint" / REWARD_HEAD).is_file()
+    assert (
+        main(["align", "dpo", "--model", str(base_dir), "--data", "missing.jsonl", "--out", str(tmp_path / "c")]) == 2
+    )
+    assert "error: preference file 'missing.jsonl' not found" in capsys.readouterr().err

@@ -127,3 +127,12 @@ def test_bad_rewards_fail_before_training(base_dir, tmp_path):
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
     with pytest.raises(LmstackError, match=r"bad.jsonl:2: row has no 'prompt'"):
         grpo(load_grpo_config(None, [f"base_model={base_dir}", f"data={bad}", f"out={tmp_path / 'd'}"]))
+
+
+def test_cli_refuses_a_raising_reward_with_one_line(base_dir, tmp_path, capsys):
+    from lmstack.cli import main
+
+    argv = ["align", "grpo", "--model", str(base_dir), "--data", str(ARITHMETIC), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--reward", "tests.train.test_grpo:failing_reward"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: reward function 'tests.train.test_grpo:failing_reward' raised KeyError")

@@ -1,4 +1,4 @@
-"""Training throughput: lmstack's `tiny-gpt2` preset against nanoGPT's model.py, same config and batch.
+"""Training throughput: lmstack's `tiny-gpt2` preset against nanoGPT's model.py, same config, batch and setup.
 
 Run:
     python benchmarks/train_throughput.py --nanogpt /path/to/nanoGPT        # ours vs nanoGPT
@@ -9,15 +9,18 @@ model.py is imported from the path you give).
 Both models: GPT-2 family, 4 layers x 128 dims, 4 heads, T=256, B=16, vocab 4096, fp32, dropout 0,
 tied embeddings, biases, exact (erf) GELU as nanoGPT's `nn.GELU()` (our GPT-2 default is GPT-2's
 tanh approximation, which costs about 4% more on CPU). Each trains the way its own project does:
-ours with lmstack's AdamW groups, gradient clipping and `set_to_none` zeroing (the inner step of
-`lmstack train`); nanoGPT with its `configure_optimizers` and the step of its train.py. Both see
-the same random token batches.
-Two comparisons, each of the best of `--rounds` timed rounds that alternate who goes first, so
+ours with lmstack's optimizer (`build_optimizer`: AdamW groups, the fused AdamW kernel), gradient
+clipping and `set_to_none` zeroing (the inner step of `lmstack train`); nanoGPT with its
+`configure_optimizers` (on CPU: AdamW's per-tensor loop) and the step of its train.py, clipping
+included. Both see the same random token batches and the same torch thread count.
+
+Every figure is the median of `--rounds` (>= 5) timed rounds that alternate who goes first, so
 machine noise hits both alike:
-  1. model against model: both in this process with the default allocator;
-  2. trainer against trainer: each in a fresh process set up as its own training script sets it up
-     (`lmstack train` raises glibc's mmap/trim thresholds on CPU, see `tune_cpu_allocator`;
-     nanoGPT's train.py does not).
+  1. model against model, in this process with the default allocator: the whole training step,
+     and forward + backward alone (which shows how much of the gap is the optimizer);
+  2. trainer against trainer, each in a fresh process with glibc's allocator tuned the way
+     `lmstack train` tunes it on CPU (`tune_cpu_allocator`), for nanoGPT too: equal terms;
+  3. the allocator effect on its own line: each contender's tuned fresh process against an untuned one.
 MFU uses a peak FLOP/s measured in the same run with a large fp32 matmul.
 """
 
@@ -26,9 +29,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +45,9 @@ from lmstack.train.optim import build_optimizer
 from lmstack.train.pretrain import tune_cpu_allocator
 
 VOCAB, N_LAYER, N_HEAD, D_MODEL, SEQ, BATCH = 4096, 4, 4, 128, 256, 16
+WARMUP_STEPS = 3
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[int], torch.Tensor]
 
 
 def load_nanogpt(path: str):
@@ -52,60 +60,81 @@ def load_nanogpt(path: str):
     return module
 
 
-def ours_step_fn(batches):
+def ours(batches: Batches) -> tuple[Step, Step]:
+    """(training step, forward + backward alone) for lmstack's model and optimizer."""
     torch.manual_seed(0)
     cfg = TrainConfig(model=model_config("tiny-gpt2", gelu_approximate="none"), batch_size=BATCH, seq_len=SEQ, lr=1e-3)
     model = Transformer(cfg.model).train()
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     params = [p for group in opt.param_groups for p in group["params"]]
 
-    def step(i):
+    def forward_backward(i: int) -> torch.Tensor:
         x, y = batches[i % len(batches)]
         loss = model(x, y).loss
         loss.backward()
+        return loss
+
+    def step(i: int) -> torch.Tensor:
+        loss = forward_backward(i)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return model, step
+    return step, _zeroing(forward_backward, model)
 
 
-def nanogpt_step_fn(module, batches):
+def nanogpt(module, batches: Batches) -> tuple[Step, Step]:
+    """(training step, forward + backward alone) for nanoGPT's model, optimizer and train.py step."""
     torch.manual_seed(0)
     conf = module.GPTConfig(
-        block_size=SEQ,
-        vocab_size=VOCAB,
-        n_layer=N_LAYER,
-        n_head=N_HEAD,
-        n_embd=D_MODEL,
-        dropout=0.0,
-        bias=True,
+        block_size=SEQ, vocab_size=VOCAB, n_layer=N_LAYER, n_head=N_HEAD, n_embd=D_MODEL, dropout=0.0, bias=True
     )
     model = module.GPT(conf).train()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
 
-    def step(i):
+    def forward_backward(i: int) -> torch.Tensor:
         x, y = batches[i % len(batches)]
         _, loss = model(x, y)
         loss.backward()
+        return loss
+
+    def step(i: int) -> torch.Tensor:
+        loss = forward_backward(i)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return model, step
+    return step, _zeroing(forward_backward, model)
 
 
-def timed(step, start: int, n: int) -> float:
-    t0 = time.perf_counter()
+def _zeroing(forward_backward: Step, model: torch.nn.Module) -> Step:
+    """Forward + backward, then drop the gradients (as the full step does) so none accumulate."""
+
+    def run(i: int) -> torch.Tensor:
+        loss = forward_backward(i)
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    return run
+
+
+# Wall-clock time by default. `--clock cpu` times this process's CPU time instead: on a machine
+# shared with other jobs and with --threads 1 it is what the step costs, whatever the others do.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
+def timed(step: Step, start: int, n: int) -> float:
+    t0 = clock()
     for i in range(start, start + n):
         loss = step(i)
     float(loss.detach())
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def make_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches() -> Batches:
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
@@ -114,82 +143,102 @@ def make_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
+def alternating(names: list, rounds: int):
+    """(round, name) pairs: every round runs everyone once, odd rounds in reverse order."""
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            yield r, name
+
+
 def run_worker(args) -> None:
-    """One contender in a fresh process, set up the way its own training script sets up."""
-    if args.worker == "lmstack":
-        tune_cpu_allocator()  # what `lmstack train` does on CPU
-        _, step = ours_step_fn(make_batches())
-    else:
-        _, step = nanogpt_step_fn(load_nanogpt(args.nanogpt), make_batches())
-    timed(step, 0, 3)
-    print(json.dumps({"seconds": min(timed(step, 3 + r * args.steps, args.steps) for r in range(2))}))
+    """One contender's training steps in a fresh process; prints the seconds of one timed round."""
+    if args.allocator == "tuned":
+        tune_cpu_allocator()  # what `lmstack train` does on CPU, given here to both contenders
+    batches = make_batches()
+    step, _ = ours(batches) if args.worker == "lmstack" else nanogpt(load_nanogpt(args.nanogpt), batches)
+    timed(step, 0, WARMUP_STEPS)
+    print(json.dumps({"seconds": timed(step, WARMUP_STEPS, args.steps)}))
 
 
-def worker_seconds(name: str, args) -> float:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        name,
-        "--steps",
-        str(args.steps),
-        "--threads",
-        str(args.threads),
-    ]
+def worker_seconds(name: str, allocator: str, args) -> float:
+    cmd = [sys.executable, __file__, "--worker", name, "--allocator", allocator]
+    cmd += ["--steps", str(args.steps), "--threads", str(torch.get_num_threads()), "--clock", args.clock]
     if args.nanogpt:
         cmd += ["--nanogpt", args.nanogpt]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
+def print_rates(title: str, seconds: dict[str, list[float]], tokens: int, flops_per_token: float, peak: float) -> None:
+    print(f" {title}:")
+    for name, times in seconds.items():
+        rate = tokens / statistics.median(times)
+        spread = f"{tokens / max(times):,.0f}-{tokens / min(times):,.0f}"
+        mfu = 100 * rate * flops_per_token / peak
+        print(f"  {name:8s} {rate:9,.0f} tokens/s (rounds {spread})   MFU {mfu:5.1f}%")
+    if "nanoGPT" in seconds:
+        ratio = statistics.median(seconds["nanoGPT"]) / statistics.median(seconds["lmstack"])
+        print(f"  ratio lmstack / nanoGPT: {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nanogpt", help="path to a nanoGPT checkout (its model.py is imported)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (median; at least 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every contender")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time (shared machine, 1 thread)"
+    )
     parser.add_argument("--worker", choices=["lmstack", "nanogpt"], help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
     if args.worker:
         run_worker(args)
         return
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5 (the figures are medians of alternating rounds)")
 
     batches = make_batches()
-    contenders = {"lmstack": ours_step_fn(batches)}
+    contenders = {"lmstack": ours(batches)}
     if args.nanogpt:
-        contenders["nanoGPT"] = nanogpt_step_fn(load_nanogpt(args.nanogpt), batches)
+        contenders["nanoGPT"] = nanogpt(load_nanogpt(args.nanogpt), batches)
+    names = list(contenders)
     peak = measure_peak_flops(torch.device("cpu"), torch.float32)
     flops_per_token = model_config("tiny-gpt2").flops_per_token(SEQ)
     tokens = BATCH * SEQ * args.steps
-
-    # 1. Model against model: one process, default allocator, rounds alternating who goes first.
-    same = {name: float("inf") for name in contenders}
-    for _, step in contenders.values():
-        timed(step, 0, 3)  # warm-up: allocator, optimizer state, kernels
-    order = list(contenders)
-    for r in range(args.rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            same[name] = min(same[name], timed(contenders[name][1], 3 + r * args.steps, args.steps))
-    # 2. Trainer against trainer: each in a fresh process set up as its own training script does
-    #    (lmstack train tunes glibc's allocator on CPU; nanoGPT's train.py does not).
-    own = {name: float("inf") for name in contenders}
-    for r in range(args.rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            own[name] = min(own[name], worker_seconds(name.lower(), args))
-
     print(
         f"train throughput, {N_LAYER} layers x {D_MODEL} dims, T={SEQ}, B={BATCH}, vocab {VOCAB}, fp32, "
-        f"{torch.get_num_threads()} threads; measured peak {peak / 1e9:.1f} GFLOP/s (fp32 matmul)"
+        f"{torch.get_num_threads()} threads; measured peak {peak / 1e9:.1f} GFLOP/s (fp32 matmul); "
+        f"median of {args.rounds} alternating rounds of {args.steps} steps, {args.clock} clock",
+        flush=True,
     )
-    for title, best in (("same process, default allocator", same), ("each as its trainer runs", own)):
-        print(f" {title}:")
-        for name in contenders:
-            rate = tokens / best[name]
-            print(f"  {name:8s} {rate:9,.0f} tokens/s   MFU {100 * rate * flops_per_token / peak:5.1f}%")
-        if "nanoGPT" in best:
-            print(f"  ratio lmstack / nanoGPT: {best['nanoGPT'] / best['lmstack']:.2f}x")
+
+    # 1. Model against model: one process, default allocator.
+    for step, forward_backward in contenders.values():
+        timed(step, 0, WARMUP_STEPS)  # allocator, optimizer state, kernels
+        timed(forward_backward, 0, 1)
+    for phase, which in (("training step", 0), ("forward + backward only", 1)):
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for r, name in alternating(names, args.rounds):
+            seconds[name].append(timed(contenders[name][which], WARMUP_STEPS + r * args.steps, args.steps))
+        print_rates(f"same process, default allocator, {phase}", seconds, tokens, flops_per_token, peak)
+
+    # 2 and 3. Fresh processes, each contender with and without the allocator tuning of `lmstack train`.
+    runs = [(name, allocator) for name in names for allocator in ("tuned", "default")]
+    fresh: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    for _, (name, allocator) in alternating(runs, args.rounds):
+        fresh[(name, allocator)].append(worker_seconds(name.lower(), allocator, args))
+    tuned = {name: fresh[(name, "tuned")] for name in names}
+    print_rates("fresh process each, glibc allocator tuned for both", tuned, tokens, flops_per_token, peak)
+    effects = ", ".join(
+        f"{name} {statistics.median(fresh[(name, 'default')]) / statistics.median(fresh[(name, 'tuned')]):.2f}x"
+        for name in names
+    )
+    print(f" allocator effect (tuned / default tokens/s, fresh processes): {effects}")
 
 
 if __name__ == "__main__":

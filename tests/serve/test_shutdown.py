@@ -71,9 +71,12 @@ def test_sigterm_lets_inflight_requests_finish(tiny_a):
 
 
 @pytest.mark.slow
-def test_sigterm_ends_overlong_requests_cleanly(tiny_a):
+def test_sigterm_ends_overlong_requests_cleanly(tokenizer_dir, tmp_path):
+    from tests.serve.conftest import save_tiny_model
+
+    model = save_tiny_model(tokenizer_dir, tmp_path / "long", seed=0, max_seq_len=8192)
     started = time.monotonic()
-    events, code, log = run_and_terminate(tiny_a, grace=1, max_tokens=1000)
+    events, code, log = run_and_terminate(model, grace=1, max_tokens=8000)  # far more than 1 s of work
     assert time.monotonic() - started < 60
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][6:])["error"]

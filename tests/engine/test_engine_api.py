@@ -222,3 +222,5 @@ def test_bad_requests_fail_clearly_before_queueing(model, text_engine):
             SamplingParams(**bad)
     with pytest.raises(LmstackError, match="max_batch_tokens"):
         EngineConfig(max_batch_tokens=0)
+    with pytest.raises(LmstackError, match="kv_cache_dtype must be 'auto' or 'int8'"):
+        EngineConfig(kv_cache_dtype="fp8")

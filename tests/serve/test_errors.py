@@ -130,7 +130,8 @@ def wait_until_idle(engine, seconds: float = 20.0) -> None:
 
 def test_client_disconnect_aborts_and_frees_blocks(server):
     engine = server[1].state.lmstack.models["tiny-b"].engine
-    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    # n=8 x 1000 tokens: far more work than the test's few seconds, however fast the machine.
+    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 1000, "n": 8, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -140,7 +141,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
         assert engine.has_unfinished() and engine.stats().kv_usage > 0
     wait_until_idle(engine)  # the stream was closed after one chunk: the request was aborted
     # The same for a blocking request whose client gives up.
-    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 900, "ignore_eos": True}
+    body = {"model": "tiny-b", "messages": HELLO, "max_tokens": 1000, "n": 8, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=0.5)
     wait_until_idle(engine)
@@ -163,17 +164,16 @@ def keyed_server(tiny_a):
 def test_queue_full_is_429(keyed_server):
     url = keyed_server
     auth = {"Authorization": "Bearer s3cret"}
-    long = {"model": "tiny", "messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    # n=2 on a server that runs one sequence at a time: one completion runs, the other waits in the
+    # queue, which holds one request, so the queue stays full for as long as the first completion runs.
+    long = {"model": "tiny", "messages": HELLO, "max_tokens": 1000, "n": 2, "ignore_eos": True, "stream": True}
+    short = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
     with httpx.stream("POST", url + "/v1/chat/completions", json=long, headers=auth, timeout=60) as running:
         lines = running.iter_lines()  # kept: dropping the iterator would close the stream (and abort it)
         next(lines)
-        with httpx.stream("POST", url + "/v1/chat/completions", json=long, headers=auth, timeout=60) as queued:
-            time.sleep(0.5)  # let it reach the engine's queue (it waits there: one sequence at a time)
-            error = error_of(post(url, {"model": "tiny", "messages": HELLO, "max_tokens": 2}, key="s3cret"), 429)
-            assert error["type"] == "rate_limit_error" and "queue is full" in error["message"]
-            assert queued.status_code == 200
-    ok = post(url, {"model": "tiny", "messages": HELLO, "max_tokens": 2}, key="s3cret")
-    assert ok.status_code == 200  # closing the streams aborted both; the server serves again
+        error = error_of(post(url, short, key="s3cret"), 429)
+        assert error["type"] == "rate_limit_error" and "queue is full" in error["message"]
+    assert post(url, short, key="s3cret").status_code == 200  # closing the stream aborted it; serving again
 
 
 def test_api_key(keyed_server):

@@ -227,3 +227,19 @@ def test_mcp_server_that_does_not_start_is_a_clear_error():
 
     with pytest.raises(LmstackError, match="did not start"):
         McpServerTools(f"{sys.executable} -c 'import sys; sys.exit(3)'")
+
+
+def test_agent_cli_runs_a_task_and_scores_a_task_set(tiny_chat_model, tmp_path, capsys):
+    from lmstack.cli import main
+
+    base = ["agent", "--model", tiny_chat_model, "--tools", "calculator", "--max-new-tokens", "4", "--max-steps", "2"]
+    assert main([*base, "What is 2 + 2?"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and ("answer:" in captured.err or "stop:" in captured.err)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"task": "What is 2 + 2?", "answer": "4"}\n{"task": "What is 3 * 3?", "answer": "9"}\n')
+    assert main([*base, "--eval", str(tasks)]) == 0
+    table = capsys.readouterr().out
+    assert "| without tools |" in table and "| with tools |" in table and "/2 |" in table
+    assert main([*base, "--eval", str(tasks), "also a task"]) == 2
+    assert "not both" in capsys.readouterr().err

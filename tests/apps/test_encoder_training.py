@@ -43,6 +43,7 @@ def _sentiment_rows(n: int) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow  # trains for a few dozen steps
 def test_classification_head_beats_the_majority_baseline(tiny_bert, tmp_path):
     from lmstack.hub import load_encoder
 
@@ -76,6 +77,7 @@ def test_classification_bad_input(tiny_bert, tmp_path, capsys, rows, extra, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains for a few dozen steps
 def test_contrastive_training_pulls_queries_to_their_passages(tiny_bert, tmp_path):
     from lmstack.hub import load_encoder
     from lmstack.train.encoder import train_contrastive

@@ -152,6 +152,13 @@ class Agent:
                     )
                 )
                 continue
+            if not calls and not text.strip():  # an empty answer is never accepted silently
+                self._record(result, "error", "the reply was empty")
+                history.append(ChatMessage(role="assistant", content=text))
+                history.append(
+                    ChatMessage(role="user", content="Your reply was empty. Answer the task or call a tool.")
+                )
+                continue
             if not calls:
                 result.answer = text.strip()
                 self._record(result, "answer", result.answer)

@@ -34,6 +34,7 @@ from lmstack.data.curate.text import (
     count_sentences,
     document_words,
     find_duplicates,
+    has_letter,
     is_cjk,
     non_symbol_words,
     words,
@@ -99,7 +100,7 @@ class GopherQualityFilter(Filter):
             ellipsis_lines = sum(1 for line in lines if line.rstrip().endswith(ELLIPSES))
             if ellipsis_lines / len(lines) > cfg.max_ellipsis_lines_ratio:
                 return "ellipsis_lines_ratio"
-        alpha = sum(1 for w in tokens if any(ch.isalpha() for ch in w))
+        alpha = sum(1 for w in tokens if has_letter(w))
         if alpha / len(tokens) < cfg.min_alpha_words_ratio:
             return "alpha_words_ratio"
         # distinct stop words present, as written (datatrove intersects the stop list with the word set)
@@ -167,26 +168,35 @@ class GopherRepetitionFilter(Filter):
 class _NGrams:
     """Gopher's n-gram repetition measures over integer n-gram hashes instead of joined strings.
 
-    Words get integer ids; an n-gram is a 64-bit polynomial hash of its ids, built for all positions at once
-    in numpy. The results equal the string versions (a hash collision between different n-grams would have
-    to happen by chance, odds ~1e-19 per pair)."""
+    Words get integer ids; the n-grams of all positions are 64-bit polynomial hashes of their ids, each n
+    built from n - 1 in one numpy step. The results equal the string versions (a hash collision between
+    different n-grams would have to happen by chance, odds ~1e-19 per pair). Once no n-gram repeats at some
+    n, none repeats at any larger n, and every measure beyond it is O(1)."""
 
     _BASE = np.uint64(0x9E3779B97F4A7C15)
 
     def __init__(self, tokens: list[str]):
         index: dict[str, int] = {}
-        self.ids = np.array([index.setdefault(w, len(index)) for w in tokens], dtype=np.uint64)
+        self.ids = np.array([index.setdefault(w, len(index)) for w in tokens], dtype=np.uint64) + np.uint64(1)
         self.char_prefix = np.concatenate(([0], np.cumsum([len(w) for w in tokens], dtype=np.int64)))
+        self._hashes = {1: self.ids}
+        self._unique_from: int | None = None  # smallest n whose n-grams are all distinct
 
-    def _hashes(self, n: int) -> np.ndarray:
-        m = self.ids.size - n + 1
-        if m <= 0:
-            return np.zeros(0, dtype=np.uint64)
-        h = np.zeros(m, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for k in range(n):
-                h = h * self._BASE + self.ids[k : k + m] + np.uint64(1)
-        return h
+    def hashes(self, n: int) -> np.ndarray:
+        for k in range(max(self._hashes) + 1, n + 1):
+            previous = self._hashes[k - 1]
+            with np.errstate(over="ignore"):
+                self._hashes[k] = previous[:-1] * self._BASE + self.ids[k - 1 :]
+        return self._hashes[n]
+
+    def _all_distinct(self, n: int) -> bool:
+        if self._unique_from is not None and n >= self._unique_from:
+            return True
+        h = np.sort(self.hashes(n))
+        if h.size > 1 and (h[1:] == h[:-1]).any():
+            return False
+        self._unique_from = n if self._unique_from is None else min(n, self._unique_from)
+        return True
 
     def _chars(self, n: int) -> np.ndarray:
         """Characters of each n-gram's words (without the spaces between them)."""
@@ -194,10 +204,11 @@ class _NGrams:
 
     def top_ngram_chars(self, n: int) -> int:
         """Length (words joined by spaces) x count of the most frequent n-gram, ties to the first seen."""
-        h = self._hashes(n)
-        if h.size == 0:
+        if self.ids.size < n:
             return 0
-        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        if self._all_distinct(n):  # every count is 1: the first n-gram wins the tie
+            return int(self.char_prefix[n]) + n - 1
+        _, first, counts = np.unique(self.hashes(n), return_index=True, return_counts=True)
         most = counts.max()
         position = int(first[counts == most].min())
         return (int(self._chars(n)[position]) + n - 1) * int(most)
@@ -207,15 +218,13 @@ class _NGrams:
         (so overlapping repeats count once; the n-grams jumped over are not recorded as seen: Gopher's rule
         as datatrove implements it). Positions whose n-gram occurs nowhere earlier are recorded in bulk, so
         the walk costs Python steps only at possible repeats."""
-        h = self._hashes(n)
+        if self.ids.size < n or self._all_distinct(n):
+            return 0
+        h = self.hashes(n)
         m = h.size
-        if m == 0:
-            return 0
         _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-        candidates = np.flatnonzero(first[inverse] < np.arange(m))
-        if candidates.size == 0:
-            return 0
-        hashes, chars, cand = h.tolist(), self._chars(n).tolist(), candidates.tolist()
+        cand = np.flatnonzero(first[inverse] < np.arange(m)).tolist()
+        hashes, chars = h.tolist(), self._chars(n).tolist()
         seen = set(hashes[: cand[0]])
         repeated, i, c = 0, cand[0], 0
         while i < m:

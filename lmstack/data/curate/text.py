@@ -12,6 +12,7 @@ thing for both scripts (a Chinese character carries about as much as a short Eng
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import unicodedata
@@ -47,29 +48,36 @@ def words(text: str) -> list[str]:
 _SPACY: dict[str, object] = {}
 
 
-def _spacy(kind: str):
-    """spaCy's blank English pipeline: the tokenizer ("words") or tokenizer + sentencizer ("sentences")."""
-    nlp = _SPACY.get(kind)
-    if nlp is None:
+# spaCy keeps every string it has seen in its vocabulary: that cache is what makes it fast on real text,
+# but it grows without bound over a large corpus, so the pipeline is rebuilt past this many entries.
+_SPACY_MAX_VOCAB = 500_000
+
+
+def _spacy_tokenizer():
+    """spaCy's blank English tokenizer (rules only; built on first use, rebuilt when its vocabulary is big)."""
+    nlp = _SPACY.get("en")
+    if nlp is None or len(nlp.vocab) > _SPACY_MAX_VOCAB:
         try:
             import spacy
         except ImportError:
             raise LmstackError(
                 'the Gopher, C4 and FineWeb filters split English words with spaCy; pip install -e ".[data]"'
             ) from None
-        nlp = spacy.blank("en")
-        if kind == "sentences":
-            nlp.add_pipe("sentencizer")
-        _SPACY[kind] = nlp
+        nlp = _SPACY["en"] = spacy.blank("en")
+    nlp.max_length = 1 << 31  # the tokenizer has no memory limit of its own; max_length is for parsers
     return nlp
 
 
+def _token_array(text: str) -> list[list[int]]:
+    """[start, length, is_punct] per spaCy token: plain ints, without building a Python Token per word."""
+    from spacy.attrs import IDX, IS_PUNCT, LENGTH
+
+    return _spacy_tokenizer().tokenizer(text).to_array([IDX, LENGTH, IS_PUNCT]).tolist()
+
+
 def english_words(text: str) -> list[str]:
-    """spaCy's rule-based English tokens, whitespace stripped and empty tokens dropped."""
-    nlp = _spacy("words")
-    nlp.max_length = len(text) + 10
-    with nlp.memory_zone():
-        tokens = [t.text.strip() for t in nlp.tokenizer(text)]
+    """spaCy's rule-based English tokens, whitespace stripped and empty tokens dropped (datatrove's split)."""
+    tokens = [text[start : start + length].strip() for start, length, _ in _token_array(text)]
     return [t for t in tokens if t]
 
 
@@ -84,14 +92,31 @@ def document_words(doc: Document) -> list[str]:
 
 
 def count_sentences(text: str, cjk: bool) -> int:
-    """Sentences in `text`: spaCy's sentencizer for English (as datatrove's C4 filter counts them),
-    terminal marks for CJK text."""
+    """Sentences in `text`: for English the count spaCy's sentencizer gives (what datatrove's C4 filter
+    counts), computed on the tokenizer's output; for CJK text the terminal marks."""
     if cjk:
         return len(_SENTENCE_END.findall(text))
-    nlp = _spacy("sentences")
-    nlp.max_length = len(text) + 10
-    with nlp.memory_zone():
-        return sum(1 for _ in nlp(text).sents)
+    tokens = _token_array(text)
+    if not tokens:
+        return 0
+    # spaCy's Sentencizer.predict: a sentence starts at the first token that is not punctuation after a
+    # sentence-final mark.
+    sentences, seen_final, marks = 1, False, _sentencizer_marks()
+    for start, length, is_punct in tokens:
+        is_final = text[start : start + length] in marks
+        if seen_final and not is_punct and not is_final:
+            sentences += 1
+            seen_final = False
+        elif is_final:
+            seen_final = True
+    return sentences
+
+
+@functools.cache
+def _sentencizer_marks() -> frozenset[str]:
+    from spacy.pipeline.sentencizer import Sentencizer  # spaCy is present: _token_array ran first
+
+    return frozenset(Sentencizer.default_punct_chars)
 
 
 # ASCII terminals end a sentence only before a space, the end or a closing quote ("3.14" and "e.g."
@@ -100,7 +125,15 @@ _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$|[\"'”」』])|[。！？]+")
 
 
 def non_symbol_words(tokens: list[str]) -> list[str]:
-    return [w for w in tokens if any(ch not in PUNCTUATION for ch in w)]
+    """Tokens with at least one character that is not punctuation (str.translate deletes at C speed)."""
+    return [w for w in tokens if w.translate(_DELETE_PUNCTUATION)]
+
+
+def has_letter(word: str) -> bool:
+    return _LETTER.search(word) is not None
+
+
+_LETTER = re.compile(r"[^\W\d_]")  # str.isalpha's letters
 
 
 def is_cjk(doc: Document) -> bool:
@@ -141,3 +174,4 @@ def simplify(text: str) -> str:
 
 
 _PUNCT_TO_SPACE = str.maketrans({ch: " " for ch in PUNCTUATION})
+_DELETE_PUNCTUATION = str.maketrans({ch: None for ch in PUNCTUATION})

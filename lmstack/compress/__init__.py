@@ -9,4 +9,11 @@ Modules with the Seam-1 linear contract (docs/architecture.md, docs/compression.
       .from_float(linear, block_size=64, absmax_group=256)
 All share `lmstack.compress.base.QuantizedLinear`: in_features, out_features, bias, forward,
 dequantize() -> (out, in), concat_out(modules), packed buffers in the state dict.
+
+Whole models and files:
+  lmstack.compress.model       quantize_model, save_quantized, load_quantized_dir, QuantizedEmbedding
+  lmstack.compress.quantize    `lmstack quantize` (int8/int4/nf4 here; gptq/awq/w8a8 via their modules)
+  lmstack.compress.gguf_load   GGUF Q8_0/Q4_0/Q4_1 kept packed: hub.load_model(ref, keep_quantized=True)
+  lmstack.compress.gguf_export quantized layers written to GGUF byte for byte (`lmstack convert --to gguf`)
+  lmstack.compress.kernels     the fused C++ GEMV/GEMM kernels (csrc/), built just in time
 """

@@ -67,7 +67,9 @@ def test_convert_dtypes(lmstack_dir, tmp_path):
     assert model.tok_emb.weight.dtype == torch.bfloat16
     assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "q.gguf", "--dtype", "q8_0") == 0
     assert "Q8_0" in {t.type_name for t in read_gguf(tmp_path / "q.gguf").tensors.values()}
-    assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "x.gguf", "--dtype", "q4_0") == 2
+    assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "4.gguf", "--dtype", "q4_0") == 0
+    assert "Q4_0" in {t.type_name for t in read_gguf(tmp_path / "4.gguf").tensors.values()}
+    assert _cli("convert", "--model", lmstack_dir, "--to", "gguf", "--out", tmp_path / "x.gguf", "--dtype", "q3_k") == 2
     assert main(["convert", "--model", str(lmstack_dir), "--to", "gguf", "--out", str(tmp_path / "x.bin")]) == 2
 
 

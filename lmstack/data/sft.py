@@ -20,7 +20,6 @@ What remains of a row is padding with target -100 (a few percent with packing).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lmstack.data.files import iter_jsonl_rows
 from lmstack.errors import LmstackError
 
 if TYPE_CHECKING:
@@ -94,16 +94,8 @@ def read_conversations(path: str | Path) -> list[Messages]:
     if not path.is_file():
         raise LmstackError(f"data file {str(path)!r} not found; pass a .jsonl file of chat, Alpaca or ShareGPT rows")
     conversations = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmstackError(f"{where}: not valid JSON ({exc.msg})") from None
-            conversations.append(row_to_messages(row, where))
+    for where, row in iter_jsonl_rows(path):
+        conversations.append(row_to_messages(row, where))
     if not conversations:
         raise LmstackError(f"{path} has no rows")
     return conversations

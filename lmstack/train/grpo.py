@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import random
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmstack.data.files import iter_jsonl_rows
 from lmstack.data.sft import check_chat_template, use_chatml
 from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
 from lmstack.errors import LmstackError, require
@@ -145,23 +145,15 @@ def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise LmstackError(f"prompt file {str(path)!r} not found; pass a .jsonl of {{'prompt': ...}} rows")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmstackError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise LmstackError(f"{where}: row has no 'prompt' field; every row needs one")
-            prompt = row["prompt"]
-            if isinstance(prompt, str):
-                row["prompt"] = [{"role": "user", "content": prompt}]
-            elif not (isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)):
-                raise LmstackError(f"{where}: 'prompt' must be a string or a list of messages")
-            rows.append(row)
+    for where, row in iter_jsonl_rows(path):
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise LmstackError(f"{where}: row has no 'prompt' field; every row needs one")
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            row["prompt"] = [{"role": "user", "content": prompt}]
+        elif not (isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)):
+            raise LmstackError(f"{where}: 'prompt' must be a string or a list of messages")
+        rows.append(row)
     if len(rows) < 2:
         raise LmstackError(f"{path} has {len(rows)} row(s); at least 2 are needed (some are held out)")
     keys = set(rows[0])

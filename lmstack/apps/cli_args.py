@@ -69,7 +69,7 @@ def add_agent_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
     p.add_argument(
         "--tools",
         default="calculator",
-        help="comma list: calculator, rag:INDEX, files:DIR, http:HOST[+HOST...]",
+        help="comma list: calculator, rag:INDEX, files:DIR, http:HOST[+HOST...], python (sandboxed code)",
     )
     p.add_argument("--mcp", action="append", default=[], help='command of an MCP server, e.g. "python -m srv"')
     p.add_argument("--max-steps", type=int, default=6)

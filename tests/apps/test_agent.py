@@ -107,6 +107,22 @@ def test_a_tool_that_raises_or_hangs_becomes_an_error_and_the_loop_goes_on(tiny_
     assert "raised RuntimeError: disk on fire" in errors[0] and "timed out after 0.5 s" in errors[1]
 
 
+def test_sandboxed_python_errors_and_kills_go_back_to_the_model(tiny_chat_model):
+    replies = [
+        call("run_python", '{"code": "import socket\\nsocket.create_connection((\\"127.0.0.1\\", 80))"}'),
+        call("run_python", '{"code": "while True: pass"}'),
+        call("run_python", '{"code": "print(sum(i * i for i in range(10)))"}'),
+        "The sum of squares is 285.",
+    ]
+    chat = ScriptedChat(tiny_chat_model, replies)
+    result = make_agent(chat, build_tools("python", tool_timeout=2.5), tool_timeout=2.5).run("sum of squares?")
+    assert result.answer == "The sum of squares is 285." and result.tool_calls == 3
+    outputs = [s.text for s in result.trace if s.kind == "result"]  # the trace shows 300 characters
+    assert "Network is unreachable\n[exit status 1]" in chat.prompts[1]  # the whole result reached the model
+    assert "[killed: the code ran longer than 1.5 s]" in outputs[1] and outputs[2] == "285"
+    assert "<tool_response>\n285\n</tool_response>" in chat.prompts[3]
+
+
 def test_step_limit_stops_a_model_that_never_answers(tiny_chat_model):
     chat = ScriptedChat(tiny_chat_model, [call("calculator", '{"expression": "1"}')] * 3)
     result = make_agent(chat, build_tools("calculator"), max_steps=3).run("loop forever")

@@ -48,7 +48,7 @@ def agent_cli(args: argparse.Namespace) -> None:
 
     require(bool(args.task) != bool(args.eval), "give a task, or --eval TASKS.jsonl (not both)")
     tasks = load_tasks(args.eval) if args.eval else None
-    tools = build_tools(args.tools)
+    tools = build_tools(args.tools, args.tool_timeout)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     with contextlib.ExitStack() as stack:
         for command in args.mcp:

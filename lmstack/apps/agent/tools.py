@@ -2,7 +2,8 @@
 
 Built-ins: `calculator` (arithmetic parsed with `ast` and evaluated node by node, never `eval`),
 `rag_search` (an index built by `lmstack rag index`), `read_file` (only inside one directory, symlinks
-resolved before the check) and `http_fetch` (only hosts on an allow-list). A tool returns text; a
+resolved before the check), `http_fetch` (only hosts on an allow-list) and `run_python` (a sandboxed
+child process, `lmstack.apps.agent.sandbox`). A tool returns text; a
 problem with its arguments raises `ToolError`, whose message goes back to the model.
 """
 
@@ -205,13 +206,44 @@ def http_tool(allowed_hosts: list[str], timeout: float = 10.0, max_bytes: int = 
     )
 
 
+def python_tool(timeout: float = 10.0) -> Tool:
+    """`run_python(code)` in the sandbox of `lmstack.apps.agent.sandbox`; refused where it cannot be built."""
+    from lmstack.apps.agent.sandbox import SANDBOX_FAILED, SandboxLimits, run_python, sandbox_check
+
+    reason = sandbox_check()
+    require(
+        reason is None,
+        f"the python tool is not offered on this machine: its sandbox (user + network namespace, Landlock) "
+        f"cannot be created ({reason}); leave python out of --tools",
+    )
+    limits = SandboxLimits(timeout=timeout, cpu_seconds=max(1, math.ceil(timeout)))
+
+    def run(args: dict[str, Any]) -> str:
+        result = run_python(_string_arg(args, "code"), limits)
+        if result.exit_code == SANDBOX_FAILED and result.output.startswith("sandbox: "):
+            raise ToolError(f"the sandbox could not be set up, so the code did not run ({result.output.strip()})")
+        return result.report(limits)
+
+    return Tool(
+        "run_python",
+        "Run a Python 3 program in a sandbox (no network, no files outside its scratch directory, "
+        f"{limits.memory_mb} MB, {limits.timeout:g} s) and return what it prints. Use print() for results.",
+        _object({"code": {"type": "string", "description": "the complete program"}}, ["code"]),
+        run,
+    )
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
         raise ToolError(f"the server redirected to {newurl}; redirects are not followed")
 
 
-def build_tools(spec: str) -> list[Tool]:
-    """`calculator,rag:INDEX,files:DIR,http:HOST+HOST` -> tools."""
+def build_tools(spec: str, tool_timeout: float = 10.0) -> list[Tool]:
+    """`calculator,rag:INDEX,files:DIR,http:HOST+HOST,python` -> tools.
+
+    The python tool's own deadline is a second under the agent's `tool_timeout`, so the code is killed
+    and its partial output reported before the loop would abandon the call.
+    """
     tools: list[Tool] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -225,8 +257,12 @@ def build_tools(spec: str) -> list[Tool]:
             tools.append(file_tool(value))
         elif kind == "http" and value:
             tools.append(http_tool(value.split("+")))
+        elif kind in ("python", "code") and not value:
+            tools.append(python_tool(timeout=max(0.5, tool_timeout - 1)))
         else:
-            raise LmstackError(f"unknown tool {item!r}; use calculator, rag:INDEX, files:DIR or http:HOST[+HOST...]")
+            raise LmstackError(
+                f"unknown tool {item!r}; use calculator, rag:INDEX, files:DIR, http:HOST[+HOST...] or python"
+            )
     names = [t.name for t in tools]
     require(len(names) == len(set(names)), f"each tool may be given once, got {names}")
     return tools

@@ -43,17 +43,21 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from lmstack.config import load_train_config
+    from lmstack.train.mlm import load_pretrain_config
 
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out={args.out}")
     if args.data:
         overrides.append(f"data={args.data}")
-    cfg = load_train_config(args.recipe, overrides)  # config errors surface before the heavy imports
+    cfg = load_pretrain_config(args.recipe, overrides)  # decoder or encoder (masked-LM) recipe; errors first
 
     from lmstack.train.distributed import launch_local, under_launcher
+    from lmstack.train.mlm import MLMConfig, preflight_mlm, pretrain_mlm
     from lmstack.train.pretrain import preflight, pretrain
+
+    if isinstance(cfg, MLMConfig):
+        preflight, pretrain = preflight_mlm, pretrain_mlm  # the same engine, an encoder's data and loss
 
     if args.nproc_per_node < 1:
         raise LmstackError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
@@ -71,6 +75,33 @@ def _train(args: argparse.Namespace) -> None:
     pretrain(cfg, resume=args.resume)
 
 
+def _training_overrides(args: argparse.Namespace, base_model: str, *extra: str) -> list[str]:
+    """finetune/align/distill flags as config overrides: the model, --data, --out, --method, what the
+    command adds, then every --set (last, so an explicit --set wins)."""
+    overrides = [f"base_model={base_model}", f"data={args.data}", f"out={args.out}"]
+    overrides += [f"peft.method={args.method}"] if args.method else []
+    return [*overrides, *extra, *(args.set or [])]
+
+
+def _launched(args: argparse.Namespace, command: str, check_once: Callable[[], object]) -> bool:
+    """With --nproc-per-node N > 1: run `check_once` here (a bad run fails once, before any process
+    starts), then this same command line in N processes via torchrun. True when it launched them."""
+    from lmstack.train.distributed import launch_local, under_launcher
+
+    if args.nproc_per_node < 1:
+        raise LmstackError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.nproc_per_node == 1:
+        return False
+    if under_launcher():
+        raise LmstackError(f"--nproc-per-node is for a plain `lmstack {command}`; under torchrun leave it out")
+    check_once()
+    # The same arguments; the trailing flag (argparse keeps the last) makes each process a plain rank.
+    status = launch_local(args.nproc_per_node, [*args.argv, "--nproc-per-node", "1"])
+    if status:
+        raise SystemExit(status)
+    return True
+
+
 def _finetune(args: argparse.Namespace) -> None:
     if args.task != "sft":  # encoder tasks: a classification head, or contrastive embeddings
         from lmstack.train.encoder import finetune_encoder_cli
@@ -79,68 +110,55 @@ def _finetune(args: argparse.Namespace) -> None:
         return
     from lmstack.train.sft import load_sft_config
 
-    overrides = [f"base_model={args.model}", f"data={args.data}", f"out={args.out}", *(args.set or [])]
-    if args.method:
-        overrides.insert(3, f"peft.method={args.method}")
-    cfg = load_sft_config(args.recipe, overrides)  # config errors surface before the heavy imports
+    cfg = load_sft_config(args.recipe, _training_overrides(args, args.model))  # config errors before heavy imports
 
-    from lmstack.train.distributed import launch_local, under_launcher
+    from lmstack.train.distributed import print_main
     from lmstack.train.sft import finetune, preflight
 
-    if args.nproc_per_node > 1:
-        if under_launcher():
-            raise LmstackError("--nproc-per-node is for a plain `lmstack finetune`; under torchrun leave it out")
-        preflight(cfg, args.resume)
-        cli_args = ["finetune", "--model", args.model, "--data", args.data, "--out", args.out]
-        cli_args += ["--recipe", args.recipe] if args.recipe else []
-        cli_args += ["--method", args.method] if args.method else []
-        cli_args += [arg for item in args.set or [] for arg in ("--set", item)] + (["--resume"] if args.resume else [])
-        status = launch_local(args.nproc_per_node, cli_args)
-        if status:
-            raise SystemExit(status)
+    if _launched(args, "finetune", lambda: preflight(cfg, args.resume)):
         return
     summary = finetune(cfg, resume=args.resume)
-    print(f"fine-tuned model: {summary['model']}  (try: lmstack chat --model {args.out})", file=sys.stderr)
+    print_main(f"fine-tuned model: {summary['model']}  (try: lmstack chat --model {args.out})")
 
 
 def _align(args: argparse.Namespace) -> None:
-    overrides = [f"base_model={args.model}", f"data={args.data}", f"out={args.out}"]
-    overrides += [f"peft.method={args.method}"] if args.method else []
     if args.align == "grpo":
-        overrides += [f"rewards=[{','.join(args.reward)}]"] if args.reward else []
-        from lmstack.train.grpo import grpo, load_grpo_config
+        from lmstack.train.distributed import print_main
+        from lmstack.train.grpo import check_before_launch, grpo, load_grpo_config
 
-        cfg = load_grpo_config(args.recipe, overrides + list(args.set or []))
+        rewards = [f"rewards=[{','.join(args.reward)}]"] if args.reward else []
+        cfg = load_grpo_config(args.recipe, _training_overrides(args, args.model, *rewards))
+        if _launched(args, "align grpo", lambda: check_before_launch(cfg, args.resume)):
+            return
         s = grpo(cfg, resume=args.resume)
-        print(
+        print_main(
             f"held-out greedy accuracy {100 * s['accuracy_before']:.1f}% -> {100 * s['accuracy']:.1f}%, "
-            f"mean reward {s['mean_reward']:.3f}; model: {s['model']}",
-            file=sys.stderr,
+            f"mean reward {s['mean_reward']:.3f}; model: {s['model']}"
         )
         return
-    from lmstack.train.dpo import align, load_align_config
+    from lmstack.train.distributed import print_main
+    from lmstack.train.dpo import align, check_before_launch, load_align_config
 
     loss = "rm" if args.align == "rm" else args.loss
-    cfg = load_align_config(args.recipe, [*overrides, f"loss={loss}", *(args.set or [])])
+    cfg = load_align_config(args.recipe, _training_overrides(args, args.model, f"loss={loss}"))
+    if _launched(args, f"align {args.align}", lambda: check_before_launch(cfg, args.resume)):
+        return
     s = align(cfg, resume=args.resume)
-    print(
+    print_main(
         f"held-out pairs: reward margin {s['reward_margin']:+.4f}, preference accuracy "
-        f"{100 * s['preference_accuracy']:.1f}%; model: {s['model']}",
-        file=sys.stderr,
+        f"{100 * s['preference_accuracy']:.1f}%; model: {s['model']}"
     )
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from lmstack.train.distill import distill, load_distill_config
+    from lmstack.train.distill import check_before_launch, distill, load_distill_config
+    from lmstack.train.distributed import print_main
 
-    overrides = [f"teacher={args.teacher}", f"base_model={args.student}", f"data={args.data}", f"out={args.out}"]
-    overrides += [f"peft.method={args.method}"] if args.method else []
-    cfg = load_distill_config(args.recipe, overrides + list(args.set or []))
+    cfg = load_distill_config(args.recipe, _training_overrides(args, args.student, f"teacher={args.teacher}"))
+    if _launched(args, "distill", lambda: check_before_launch(cfg, args.resume)):
+        return
     s = distill(cfg, resume=args.resume)
-    print(
-        f"student held-out loss {s['val_loss']:.4f} (teacher {s['teacher_val_loss']:.4f}); model: {s['model']}",
-        file=sys.stderr,
-    )
+    print_main(f"student held-out loss {s['val_loss']:.4f} (teacher {s['teacher_val_loss']:.4f}); model: {s['model']}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -169,7 +187,7 @@ def _generate(args: argparse.Namespace) -> None:
     from lmstack.engine.generate import load_for_inference, stream_text
 
     params = _sampling_params(args)  # bad values fail before the model loads
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.gguf_weights)
     prompt = args.prompt
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -184,7 +202,7 @@ def _chat(args: argparse.Namespace) -> None:
     from lmstack.engine.generate import load_for_inference
 
     params = _sampling_params(args)
-    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.gguf_weights)
     chat_session(model, tokenizer, params, system=args.system)
 
 
@@ -193,7 +211,12 @@ def _serve(args: argparse.Namespace) -> None:
     from lmstack.serve.server import ServeOptions, serve
 
     engine = EngineSettings(
-        args.max_batch_tokens, args.max_num_seqs, args.max_queue, args.kv_cache_mb, args.speculative
+        args.max_batch_tokens,
+        args.max_num_seqs,
+        args.max_queue,
+        args.kv_cache_mb,
+        args.speculative,
+        gguf_weights=args.gguf_weights,
     )
     serve(
         ServeOptions(
@@ -296,6 +319,29 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    _add_gguf_weights_arg(p)
+
+
+def _add_gguf_weights_arg(p: argparse.ArgumentParser) -> None:
+    from lmstack.hub import GGUF_WEIGHTS
+
+    p.add_argument(
+        "--gguf-weights",
+        choices=GGUF_WEIGHTS,
+        default="packed",
+        help="a .gguf model: run its quantized blocks as they are through lmstack's kernels (packed, default) "
+        "or dequantize them to float at load (float)",
+    )
+
+
+def _add_nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes (DDP) via torchrun; checks the data and models once before starting them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,10 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train
     p = command("train", _train, "pretrain a model from a recipe (runs under torchrun for DDP/FSDP)")
-    p.add_argument("--recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
+    p.add_argument(
+        "--recipe", help="YAML recipe, e.g. recipes/tiny.yaml (masked-LM encoder: recipes/encoder-tiny.yaml)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", help="run directory (same as --set out=DIR)")
-    p.add_argument("--data", help="token shard directory (same as --set data=DIR)")
+    p.add_argument(
+        "--data",
+        help="token shard directory (same as --set data=DIR); for an encoder recipe, text files or directories",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument(
         "--nproc-per-node",
@@ -364,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="YAML recipe with SFT keys (see docs/finetuning.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train in N processes (DDP) via torchrun")
+    _add_nproc_arg(p)
     p.add_argument(
         "--task",
         choices=["sft", "classify", "embed"],
@@ -387,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", help="YAML recipe with the run's keys (see docs/finetuning.md)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+        _add_nproc_arg(p)
         if kind == "dpo":
             p.add_argument("--loss", choices=["dpo", "ipo", "simpo", "orpo"], default="dpo")
         if kind == "grpo":
@@ -407,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="YAML recipe with the run's keys")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    _add_nproc_arg(p)
     p = command("merge", _merge, "fold a LoRA/DoRA adapter into its base model and write an lmstack model directory")
     p.add_argument("--model", required=True, help="adapter directory (or a fine-tuning run directory)")
     p.add_argument("--out", required=True)
@@ -445,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=float, default=512, help="KV-cache pool per model")
     p.add_argument("--speculative", default=None, help="ngram | a draft model reference")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    _add_gguf_weights_arg(p)
 
     # quickstart
     p = command(
@@ -484,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    _add_gguf_weights_arg(p)
     p = command("quantize", _quantize, "quantize a model: int8, int4, nf4, gptq, awq or w8a8 (docs/compression.md)")
     p.add_argument("--model", required=True)
     p.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq", "awq", "w8a8"])
@@ -537,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node relaunches
     try:
         args.func(args)
     except LmstackError as exc:

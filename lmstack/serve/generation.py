@@ -55,6 +55,7 @@ class EngineSettings:
     max_queue: int = 256
     kv_cache_mb: float = 512
     speculative: str | None = None
+    gguf_weights: str = "packed"  # GGUF blocks run as they are ("packed") or dequantized ("float")
 
     def config(self, device: str, dtype: str | None) -> EngineConfig:
         return EngineConfig(
@@ -65,6 +66,7 @@ class EngineSettings:
             speculative=self.speculative,
             device=device,
             dtype=dtype,
+            gguf_weights=self.gguf_weights,
         )
 
 

@@ -71,7 +71,12 @@ def add_agent_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
         default="calculator",
         help="comma list: calculator, rag:INDEX, files:DIR, http:HOST[+HOST...], python (sandboxed code)",
     )
-    p.add_argument("--mcp", action="append", default=[], help='command of an MCP server, e.g. "python -m srv"')
+    p.add_argument(
+        "--mcp",
+        action="append",
+        default=[],
+        help='MCP server: the command that starts it ("python -m srv") or its streamable-HTTP URL (http://H:P/mcp)',
+    )
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--tool-timeout", type=float, default=10.0, help="seconds before a tool call is abandoned")
     p.add_argument(

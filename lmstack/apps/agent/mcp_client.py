@@ -1,4 +1,7 @@
-"""Tools from any MCP server: start it over stdio with the official `mcp` client, list its tools, call them.
+"""Tools from any MCP server, through the official `mcp` client: list its tools, call them.
+
+`--mcp "COMMAND"` starts the server as a child over stdio; `--mcp http://HOST:PORT/mcp` (or https) connects
+to a running server over streamable HTTP.
 
 The agent loop is synchronous; the MCP session is asynchronous. The session lives in its own event loop
 on a background thread, and each call is submitted to that loop with a deadline, so a hanging server
@@ -22,8 +25,9 @@ START_TIMEOUT = 60.0
 
 class McpServerTools:
     def __init__(self, command: str, call_timeout: float = 30.0):
-        self.argv = shlex.split(command)
-        require(bool(self.argv), "--mcp needs the command that starts the server")
+        self.url = command.strip() if command.strip().startswith(("http://", "https://")) else None
+        self.argv = [] if self.url else shlex.split(command)
+        require(bool(self.url or self.argv), "--mcp needs the command that starts the server, or its http:// URL")
         self.command, self.call_timeout = command, call_timeout
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="mcp-client", daemon=True)
@@ -36,15 +40,24 @@ class McpServerTools:
             self.listed = self._listed.result(timeout=START_TIMEOUT)
         except Exception as exc:
             self.close()
-            raise LmstackError(f"MCP server {command!r} did not start: {exc or type(exc).__name__}") from None
+            what = "could not be reached" if self.url else "did not start"
+            raise LmstackError(f"MCP server {command!r} {what}: {_reason(exc)}") from None
 
-    async def _serve(self) -> None:
-        from mcp import ClientSession, StdioServerParameters
+    def _transport(self) -> contextlib.AbstractAsyncContextManager:
+        if self.url:
+            from mcp.client.streamable_http import streamable_http_client
+
+            return streamable_http_client(self.url)
+        from mcp import StdioServerParameters
         from mcp.client.stdio import stdio_client
 
+        return stdio_client(StdioServerParameters(command=self.argv[0], args=self.argv[1:]))
+
+    async def _serve(self) -> None:
+        from mcp import ClientSession
+
         try:
-            params = StdioServerParameters(command=self.argv[0], args=self.argv[1:])
-            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            async with self._transport() as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
                 listed = await session.list_tools()
                 self.session = session
@@ -91,3 +104,10 @@ class McpServerTools:
                 self._main.result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost message of an exception (anyio wraps transport failures in exception groups)."""
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # a (Base)ExceptionGroup
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__

@@ -14,7 +14,8 @@ minus their mean, scaled per group of `absmax_group` (256) by an fp32 scale. Cos
 
 Buffers (state-dict keys under the slot): `qweight` uint8 (ceil(out*in/block)*block/2,), two codes per
 byte, even index in the low nibble; `absmax_q` int8 (n_blocks,); `absmax_scale` float32 (n_groups,);
-`absmax_offset` float32 (). `forward` dequantizes to x's dtype and runs `F.linear`, which is what
+`absmax_offset` float32 () (or (n_groups,): one per group, what an exact `concat_out` of several modules
+holds). `forward` dequantizes to x's dtype and runs `F.linear`, which is what
 QLoRA training needs (differentiable w.r.t. x); fast batch-1 decode uses the int4/int8 kernels.
 """
 
@@ -87,11 +88,12 @@ class NF4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         self.block_size, self.absmax_group = int(block_size), int(absmax_group)
         n_blocks = math.ceil(self.in_features * self.out_features / self.block_size)
+        n_groups = math.ceil(n_blocks / self.absmax_group)
         expected = {
             "qweight": ((n_blocks * self.block_size // 2,), torch.uint8, qweight),
             "absmax_q": ((n_blocks,), torch.int8, absmax_q),
-            "absmax_scale": ((math.ceil(n_blocks / self.absmax_group),), torch.float32, absmax_scale),
-            "absmax_offset": ((), torch.float32, absmax_offset),
+            "absmax_scale": ((n_groups,), torch.float32, absmax_scale),
+            "absmax_offset": ((n_groups,) if absmax_offset.dim() else (), torch.float32, absmax_offset),
         }
         for name, (shape, dtype, tensor) in expected.items():
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -153,14 +155,44 @@ class NF4Linear(QuantizedLinear):
         return {"method": self.method, "block_size": self.block_size, "absmax_group": self.absmax_group}
 
     def _concat(self, modules: list[QuantizedLinear]) -> NF4Linear:
-        # Blocks run over the flattened weight, so rows only concatenate block-exactly when every part
-        # fills whole blocks and whole absmax groups; otherwise re-quantize the concatenated weights.
+        """Exact when every part but the last fills whole blocks (see `_concat_exact`); otherwise a block
+        would hold the end of one part and the start of the next, two absmaxes in one block, which the
+        format cannot store, so the concatenated weights are re-quantized."""
+        if all((m.in_features * m.out_features) % self.block_size == 0 for m in modules[:-1]):
+            return self._concat_exact(modules)
         fused = nn.Linear(self.in_features, sum(m.out_features for m in modules), bias=self.bias is not None)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([m.dequantize() for m in modules]))
             if self.bias is not None:
                 fused.bias.copy_(self._concat_bias(modules))
         return NF4Linear.from_float(fused, self.block_size, self.absmax_group)
+
+    def _concat_exact(self, modules: list[NF4Linear]) -> NF4Linear:
+        """Concatenate codes and absmax codes as they are. Each part's double quantization has its own
+        offset and its last absmax group may be partial, so the fused module's groups are the largest
+        size that divides every part's block count and the original group size: each original group
+        becomes whole groups that repeat its scale, and the offset is stored per group."""
+        group = self.absmax_group
+        for m in modules[:-1]:
+            group = math.gcd(group, m.absmax_q.numel())
+        scales, offsets = [], []
+        for m in modules:
+            n_groups = math.ceil(m.absmax_q.numel() / group)
+            scale = m.absmax_scale.repeat_interleave(m.absmax_group // group)[:n_groups]
+            offset = m.absmax_offset.expand(m.absmax_scale.shape).repeat_interleave(m.absmax_group // group)
+            scales.append(scale)
+            offsets.append(offset[:n_groups])
+        return NF4Linear(
+            self.in_features,
+            sum(m.out_features for m in modules),
+            torch.cat([m.qweight for m in modules]),
+            torch.cat([m.absmax_q for m in modules]),
+            torch.cat(scales),
+            torch.cat(offsets),
+            self._concat_bias(modules),
+            self.block_size,
+            group,
+        )
 
 
 def _quantize_absmax(absmax: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,4 +208,5 @@ def _quantize_absmax(absmax: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor
 
 def _dequantize_absmax(codes: Tensor, scale: Tensor, offset: Tensor, group: int) -> Tensor:
     per_block_scale = scale.repeat_interleave(group)[: codes.numel()]
-    return codes.float() * per_block_scale + offset
+    per_block_offset = offset.repeat_interleave(group)[: codes.numel()] if offset.dim() else offset
+    return codes.float() * per_block_scale + per_block_offset

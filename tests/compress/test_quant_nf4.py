@@ -80,11 +80,32 @@ def test_dtype_cast_keeps_packed_buffers_and_output_follows_input():
     assert q(torch.randn(4, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_concat_out_matches_parts():
-    parts = [NF4Linear.from_float(_linear(128, n, seed=n)) for n in (64, 32, 32)]
+@pytest.mark.parametrize(
+    ("in_features", "outs"),
+    [
+        (128, (64, 32, 32)),
+        (576, (576, 192, 192)),  # SmolLM2 q/k/v: 5184 and 1728 blocks, absmax groups of 256 do not line up
+        (576, (1536, 1536)),  # gate/up
+        (96, (40, 8, 3)),  # 3840 + 768 weights fill whole blocks; the last part ends in a padded block
+    ],
+)
+def test_concat_out_is_exact(in_features, outs):
+    parts = [NF4Linear.from_float(_linear(in_features, n, seed=n)) for n in outs]
     fused = NF4Linear.concat_out(parts)
-    x = torch.randn(3, 128)
-    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), atol=2e-3, rtol=0)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    x = torch.randn(3, in_features)
+    assert torch.equal(fused(x), nn.functional.linear(x, torch.cat([p.dequantize() for p in parts]), fused.bias))
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), atol=1e-6, rtol=1e-6)
+    state = {k: v for k, v in fused.state_dict().items() if k != "bias"}
+    again = NF4Linear(in_features, sum(outs), **state, bias=fused.bias, absmax_group=fused.absmax_group)
+    assert torch.equal(again.dequantize(), fused.dequantize())  # per-group offsets round-trip
+
+
+def test_concat_out_of_parts_splitting_a_block_requantizes():
+    parts = [NF4Linear.from_float(_linear(5, n, seed=n)) for n in (3, 4)]  # 15 weights: a block spans both
+    fused = NF4Linear.concat_out(parts)
+    err = (fused.dequantize() - torch.cat([p.dequantize() for p in parts])).abs().max()
+    assert 0 < err < 0.2 * torch.cat([p.dequantize() for p in parts]).abs().max()  # one NF4 rounding
 
 
 def test_already_quantized_is_a_clear_error():

@@ -22,6 +22,7 @@ METHODS = (
     "ia3",
 )
 LORA_METHODS = ("lora", "dora", "qlora", "dylora", "adalora")
+VIRTUAL_TOKEN_METHODS = ("prefix", "ptuning-v2", "prompt")  # virtual key/value positions (lmstack.peft.prompts)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
-from lmstack.peft.config import LORA_METHODS, PeftConfig
+from lmstack.peft.config import LORA_METHODS, VIRTUAL_TOKEN_METHODS, PeftConfig
 from lmstack.peft.layers import BottleneckAdapter, IA3Linear
 from lmstack.peft.lora import LoraLinear
 
@@ -188,7 +188,7 @@ def apply_peft(
         _add_bottlenecks(model, cfg)
     elif method == "ia3":
         _add_ia3(model, cfg)
-    elif method in ("prefix", "ptuning-v2", "prompt"):
+    elif method in VIRTUAL_TOKEN_METHODS:
         _add_virtual_tokens(model, cfg, tokenizer)
     elif method == "bitfit":
         _add_biases(model)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ from lmstack.config import MODEL_PRESETS, ModelConfig
 from lmstack.errors import LmstackError, require
 from lmstack.model.transformer import Transformer
 from lmstack.peft.config import PeftConfig
-from lmstack.train.distributed import cleanup, init_distributed
+from lmstack.train.distributed import cleanup, init_distributed, is_main_process, print_main
 from lmstack.train.reference import check_same_vocabulary
-from lmstack.train.sft import SFTConfig, SFTTrainer, preflight
+from lmstack.train.sft import SFTConfig, SFTTrainer, preflight, read_sft_split, render_sft_data, use_chat_template
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import atomic_path
@@ -156,13 +155,13 @@ def _teacher_cache(
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("key") == key:
-                print(f"[distill] teacher top-{cfg.top_k} logits from {path}", file=sys.stderr)
+                print_main(f"[distill] teacher top-{cfg.top_k} logits from {path}")
                 cached = TeacherTopK(
                     fh.get_tensor("values"), fh.get_tensor("indices"), fh.get_tensor("offsets").numpy()
                 )
                 return cached, float(meta["teacher_val_loss"])
     require(teacher is not None, "the teacher's cache does not match this run; the teacher must be loaded")
-    print(f"[distill] running the teacher once over {len(rows)} rows (top-{cfg.top_k} logits)", file=sys.stderr)
+    print_main(f"[distill] running the teacher once over {len(rows)} rows (top-{cfg.top_k} logits)")
     top, _ = teacher_topk(teacher, rows, cfg.top_k, cfg.batch_size)
     _, val_loss = teacher_topk(teacher, val_rows, 1, cfg.batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +187,7 @@ def _student(cfg: DistillConfig, teacher: Transformer, tokenizer) -> Transformer
         model_cfg = ModelConfig.from_config_value(value, "student")
         model_cfg = dataclasses.replace(model_cfg, vocab_size=teacher.cfg.vocab_size)
         torch.manual_seed(cfg.seed)
-        print(
-            f"[distill] new student {cfg.base_model}: {model_cfg.num_params() / 1e6:.2f}M parameters", file=sys.stderr
-        )
+        print_main(f"[distill] new student {cfg.base_model}: {model_cfg.num_params() / 1e6:.2f}M parameters")
         return Transformer(model_cfg)
     student, student_tokenizer = load_model(cfg.base_model, device="cpu", dtype=torch.float32)
     check_same_vocabulary(tokenizer, student_tokenizer, "student", cfg.base_model)
@@ -200,31 +197,17 @@ def _student(cfg: DistillConfig, teacher: Transformer, tokenizer) -> Transformer
 def prepare(cfg: DistillConfig) -> dict[str, Any]:
     """Teacher and data first (the teacher's tokenizer renders the data), then the student; the teacher
     runs once and is dropped before the student trains."""
-    from lmstack.data.sft import (
-        check_chat_template,
-        pack,
-        read_conversations,
-        split_conversations,
-        tokenize_conversations,
-        use_chatml,
-    )
     from lmstack.hub import load_model
     from lmstack.peft import apply_peft
 
     require(bool(cfg.teacher), "no teacher given; pass --teacher REF")
     require(bool(cfg.base_model), "no student given; pass --student REF, a preset name or a recipe .yaml")
     require(bool(cfg.data), "no training data given; pass --data FILE.jsonl (chat, Alpaca or ShareGPT rows)")
-    conversations = read_conversations(cfg.data)
-    if cfg.val_data:
-        train_convs, val_convs = conversations, read_conversations(cfg.val_data)
-    else:
-        train_convs, val_convs = split_conversations(conversations, cfg.val_fraction, cfg.seed)
+    split = read_sft_split(cfg)
     teacher, tokenizer = load_model(cfg.teacher, device="cpu", dtype=torch.float32)
     if tokenizer is None:
         raise LmstackError(f"the teacher {cfg.teacher} has no tokenizer; distillation renders the data with it")
-    if cfg.chat_template == "chatml":
-        use_chatml(tokenizer)
-    check_chat_template(tokenizer, cfg.teacher)
+    use_chat_template(tokenizer, cfg, cfg.teacher)
     student = _student(cfg, teacher, tokenizer)
     require(
         student.cfg.vocab_size == teacher.cfg.vocab_size,
@@ -235,34 +218,25 @@ def prepare(cfg: DistillConfig) -> dict[str, Any]:
     require(
         cfg.seq_len <= context, f"seq_len={cfg.seq_len} is longer than the models' context {context}; lower seq_len"
     )
-    train, truncated = tokenize_conversations(tokenizer, train_convs, cfg.seq_len)
-    val, _ = tokenize_conversations(tokenizer, val_convs, cfg.seq_len)
-    require(bool(train) and bool(val), f"no conversation keeps an assistant token within seq_len={cfg.seq_len}")
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows, val_rows = (
-        pack(train, cfg.seq_len, pad, cfg.packing, cfg.seed),
-        pack(val, cfg.seq_len, pad, cfg.packing, cfg.seed),
-    )
-    top, teacher_val_loss = _teacher_cache(cfg, teacher, rows, val_rows)
+    data = render_sft_data(cfg, tokenizer, teacher.cfg.vocab_size, split)
+    top, teacher_val_loss = _teacher_cache(cfg, teacher, data.train, data.val)
     del teacher
-    print(
-        f"[distill] {len(train)} train / {len(val)} held-out conversations ({truncated} truncated), {len(rows)} rows; "
-        f"teacher held-out loss {teacher_val_loss:.4f}",
-        file=sys.stderr,
+    print_main(
+        f"[distill] {data.n_train} train / {data.n_val} held-out conversations ({data.truncated} truncated), "
+        f"{len(data.train)} rows; teacher held-out loss {teacher_val_loss:.4f}"
     )
     cfg.model = dataclasses.replace(student.cfg)
     torch.manual_seed(cfg.seed)
-    apply_peft(student, cfg.peft, tokenizer)
-    trained_val = [t for e in val for t in e.targets if t != -100]
+    apply_peft(student, cfg.peft, tokenizer, verbose=is_main_process())
     return {
         "model": student,
         "tokenizer": tokenizer,
-        "train": rows,
-        "val": val_rows,
+        "train": data.train,
+        "val": data.val,
         "teacher": top,
         "teacher_val_loss": teacher_val_loss,
-        "val_bytes": len(tokenizer.decode(trained_val).encode("utf-8")),
-        "val_prompt": val_convs[0],
+        "val_bytes": data.val_bytes,
+        "val_prompt": data.val_prompt,
     }
 
 
@@ -287,14 +261,25 @@ class DistillTrainer(SFTTrainer):
         out = self.model(inputs, targets, cache=batch["cache"], trained_logits_only=True)
         values, indices = self.data["teacher"].take(idx)
         soft = distillation_kl(out.logits, values.to(self.device), indices.to(self.device), cfg.temperature).mean()
-        loss = cfg.alpha * soft + (1 - cfg.alpha) * out.lm_loss
-        return _DistillOutput(loss=loss, lm_loss=out.lm_loss.detach())
+        weight = self.batches.token_weight(step, micro)  # per-token means over all ranks' tokens (DDP)
+        loss = weight * (cfg.alpha * soft + (1 - cfg.alpha) * out.lm_loss)
+        return _DistillOutput(loss=loss, lm_loss=weight * out.lm_loss.detach())
 
     def evaluate(self) -> dict[str, float]:
         result = super().evaluate()
         result["teacher_val_loss"] = self.data["teacher_val_loss"]
         self.last["teacher_val_loss"] = result["teacher_val_loss"]
         return result
+
+
+def check_before_launch(cfg: DistillConfig, resume: bool) -> None:
+    """What `--nproc-per-node N` runs once before starting N processes: every check `prepare` makes (data,
+    models, vocabulary, method, resume) and the teacher's top-k logits, computed here once into OUT's cache,
+    which every rank then reads instead of recomputing."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    preflight(cfg, resume)
+    prepare(cfg)
 
 
 def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:

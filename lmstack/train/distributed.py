@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +45,21 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def is_main_process() -> bool:
+    """Rank 0, or not under a launcher; known from the environment before the process group is joined,
+    so what every rank prepares (data, models) is reported once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print_main(message: str) -> None:
+    """A progress line on stderr from rank 0 only."""
+    if is_main_process():
+        print(message, file=sys.stderr)
+
+
 def launch_local(nproc: int, cli_args: list[str]) -> int:
     """Run `lmstack <cli_args>` in `nproc` processes on this machine via torchrun; its exit status."""
     import subprocess
-    import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "lmstack.cli", *cli_args]

@@ -40,14 +40,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.data.preference import PreferenceSet, read_pairs, tokenize_pairs
-from lmstack.data.sft import check_chat_template, use_chatml
 from lmstack.errors import LmstackError, require
 from lmstack.model.transformer import Transformer
+from lmstack.peft.config import VIRTUAL_TOKEN_METHODS
 from lmstack.peft.prompts import TrainingCache
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from lmstack.train.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, print_main, unwrap
 from lmstack.train.reference import check_same_vocabulary, sequence_logps
-from lmstack.train.sft import DEFAULT_LR, MODEL_METHODS, RESUME_TENSORS, SFTConfig, SFTTrainer, preflight
+from lmstack.train.sft import (
+    DEFAULT_LR,
+    MODEL_METHODS,
+    RESUME_TENSORS,
+    SFTConfig,
+    SFTTrainer,
+    preflight,
+    use_chat_template,
+)
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import atomic_path
@@ -155,6 +163,10 @@ class RewardModel(nn.Module):
     def __init__(self, lm: Transformer):
         super().__init__()
         self.lm = lm
+        if not lm.cfg.tie_embeddings:
+            # The scalar head replaces the vocabulary head, which then gets no gradient (and DDP refuses
+            # parameters that never receive one).
+            lm.lm_head.requires_grad_(False)
         self.head = nn.Linear(lm.cfg.d_model, 1)
         nn.init.normal_(self.head.weight, std=1 / (lm.cfg.d_model + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
@@ -247,7 +259,7 @@ def _load_or_compute_reference(
     if path.is_file():
         with safe_open(str(path), "pt") as fh:
             if (fh.metadata() or {}).get("key") == key:
-                print(f"[align] reference log-probs from {path}", file=sys.stderr)
+                print_main(f"[align] reference log-probs from {path}")
                 return {name: fh.get_tensor(name) for name in sets}
     model = base
     if cfg.ref_model:
@@ -255,7 +267,7 @@ def _load_or_compute_reference(
 
         model, ref_tokenizer = load_model(cfg.ref_model, device="cpu", dtype=torch.float32)
         check_same_vocabulary(tokenizer, ref_tokenizer, "reference model", cfg.ref_model)
-    print(f"[align] computing reference log-probs of {sum(map(len, sets.values()))} pairs once", file=sys.stderr)
+    print_main(f"[align] computing reference log-probs of {sum(map(len, sets.values()))} pairs once")
     logps = {name: reference_logps(model, data, cfg.batch_size, pad_id) for name, data in sets.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -275,17 +287,13 @@ def prepare(cfg: AlignConfig) -> dict[str, Any]:
     model, tokenizer = load_model(cfg.base_model, device="cpu", dtype=torch.float32)
     if tokenizer is None:
         raise LmstackError(f"{cfg.base_model} has no tokenizer; alignment needs one to render the pairs")
-    if cfg.chat_template == "chatml":
-        use_chatml(tokenizer)
-    check_chat_template(tokenizer, cfg.base_model)
+    use_chat_template(tokenizer, cfg, cfg.base_model)
+    extra = cfg.peft.num_virtual_tokens if cfg.peft.method in VIRTUAL_TOKEN_METHODS else 0
     require(
-        cfg.seq_len <= model.cfg.max_seq_len,
-        f"seq_len={cfg.seq_len} is longer than the model's context {model.cfg.max_seq_len}; lower seq_len",
+        cfg.seq_len + extra <= model.cfg.max_seq_len,
+        f"seq_len={cfg.seq_len} (+{extra} virtual tokens) is longer than the model's context "
+        f"{model.cfg.max_seq_len}; lower seq_len",
     )
-    if cfg.peft.method in ("prefix", "ptuning-v2", "prompt"):
-        raise LmstackError(
-            f"method {cfg.peft.method!r} is not supported for alignment; use lora, dora, qlora, full, freeze, ..."
-        )
     sets = {
         "train": tokenize_pairs(tokenizer, train_pairs, cfg.seq_len),
         "val": tokenize_pairs(tokenizer, val_pairs, cfg.seq_len),
@@ -296,15 +304,14 @@ def prepare(cfg: AlignConfig) -> dict[str, Any]:
         f"the data renders to token id {bad}, outside the model's vocabulary of {model.cfg.vocab_size}",
     )
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    print(
+    print_main(
         f"[align] {cfg.loss}: {len(sets['train'])} train / {len(sets['val'])} held-out pairs "
-        f"({sets['train'].truncated + sets['val'].truncated} replies truncated to {cfg.seq_len} tokens)",
-        file=sys.stderr,
+        f"({sets['train'].truncated + sets['val'].truncated} replies truncated to {cfg.seq_len} tokens)"
     )
     reference = _load_or_compute_reference(cfg, model, tokenizer, sets, pad) if cfg.loss in NEEDS_REFERENCE else None
     cfg.model = dataclasses.replace(model.cfg)
     torch.manual_seed(cfg.seed)
-    apply_peft(model, cfg.peft, tokenizer)
+    apply_peft(model, cfg.peft, tokenizer, verbose=is_main_process())
     if cfg.loss == "rm":
         model = RewardModel(model)
     return {
@@ -432,6 +439,16 @@ class AlignTrainer(SFTTrainer):
         model = self.data["model"]
         model.load_state_dict(read_safetensors(resume_from / RESUME_TENSORS), strict=False)
         return model
+
+
+def check_before_launch(cfg: AlignConfig, resume: bool) -> None:
+    """What `--nproc-per-node N` runs once before starting N processes: every check `prepare` makes (data,
+    models, vocabulary, method, resume) and the reference log-probs (dpo/ipo), computed here once into OUT's cache,
+    which every rank then reads instead of recomputing."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    preflight(cfg, resume)
+    prepare(cfg)
 
 
 def align(cfg: AlignConfig, resume: bool = False) -> dict[str, Any]:

@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from lmstack.data.files import iter_jsonl_rows
-from lmstack.data.sft import check_chat_template, use_chatml
 from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
 from lmstack.errors import LmstackError, require
-from lmstack.train.distributed import cleanup, init_distributed, unwrap
+from lmstack.peft.config import VIRTUAL_TOKEN_METHODS
+from lmstack.train.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, print_main, unwrap
 from lmstack.train.reference import check_same_vocabulary, token_logps
 from lmstack.train.rewards import call_reward, resolve_reward
-from lmstack.train.sft import SFTBatches, SFTConfig, SFTTrainer, preflight
+from lmstack.train.sft import SFTBatches, SFTConfig, SFTTrainer, preflight, use_chat_template
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
 
@@ -223,11 +223,12 @@ def prepare(cfg: GRPOConfig) -> dict[str, Any]:
     model, tokenizer = load_model(cfg.base_model, device="cpu", dtype=torch.float32)
     if tokenizer is None:
         raise LmstackError(f"{cfg.base_model} has no tokenizer; GRPO needs one to render prompts and score text")
-    if cfg.chat_template == "chatml":
-        use_chatml(tokenizer)
-    check_chat_template(tokenizer, cfg.base_model)
-    if cfg.peft.method in ("prefix", "ptuning-v2", "prompt"):
-        raise LmstackError(f"method {cfg.peft.method!r} is not supported for GRPO; use lora, dora, qlora, full, ...")
+    use_chat_template(tokenizer, cfg, cfg.base_model)
+    if cfg.peft.method in VIRTUAL_TOKEN_METHODS:
+        raise LmstackError(
+            f"method {cfg.peft.method!r} is not supported for GRPO: rollouts run on the batched engine's paged "
+            "KV cache, which takes no virtual tokens; use lora, dora, qlora, full, ... (align dpo takes it)"
+        )
     if cfg.val_data:
         train_rows, val_rows = rows, read_prompt_rows(cfg.val_data)
     else:
@@ -251,14 +252,13 @@ def prepare(cfg: GRPOConfig) -> dict[str, Any]:
         else:
             reference = copy.deepcopy(model)
         reference.requires_grad_(False).eval()
-    print(
+    print_main(
         f"[grpo] {len(train)} train / {len(val)} held-out prompts, {cfg.num_generations} completions each, "
-        f"rewards {', '.join(cfg.rewards)}",
-        file=sys.stderr,
+        f"rewards {', '.join(cfg.rewards)}"
     )
     cfg.model = dataclasses.replace(model.cfg)
     torch.manual_seed(cfg.seed)
-    apply_peft(model, cfg.peft, tokenizer)
+    apply_peft(model, cfg.peft, tokenizer, verbose=is_main_process())
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -398,25 +398,33 @@ class GRPOTrainer(SFTTrainer):
 
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
-        self.tracker.log({"step": self.step + 1, **self._stats})
+        names = sorted(self._stats)  # the same keys on every rank: the mean over ranks is logged
+        means = all_reduce_sum([self._stats[k] for k in names], self.ctx)
+        world = self.ctx.world_size
+        self.tracker.log({"step": self.step + 1, **{k: v / world for k, v in zip(names, means, strict=True)}})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy answers to held-out prompts, scored: accuracy (first reward == 1) and mean total reward."""
-        cfg, data = self.cfg, self.data
+        cfg, data, ctx = self.cfg, self.data, self.ctx
         n = min(len(data["val"]), cfg.eval_prompts)
-        prompt_ids, texts, columns = data["val"].take(np.arange(n))
-        params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-        _, completions = self._generate(prompt_ids, params)
-        total, parts = data["rewards"].score(texts, completions, columns)
+        mine = np.arange(ctx.rank, n, ctx.world_size)  # each rank answers its share of the prompts
+        texts, completions, correct, reward_sum = [""], [""], 0.0, 0.0
+        if len(mine):
+            prompt_ids, texts, columns = data["val"].take(mine)
+            params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+            _, completions = self._generate(prompt_ids, params)
+            total, parts = data["rewards"].score(texts, completions, columns)
+            correct, reward_sum = float(sum(p == 1.0 for p in parts[0])), float(sum(total))
+        correct, reward_sum = all_reduce_sum([correct, reward_sum], ctx)
         result = {
             "val_loss": float("nan"),  # no language-modelling loss here
             "val_ppl": float("nan"),
             "val_bpb": float("nan"),
-            "accuracy": float(np.mean([p == 1.0 for p in parts[0]])),
-            "mean_reward": float(np.mean(total)),
+            "accuracy": correct / n,
+            "mean_reward": reward_sum / n,
         }
-        if self.ctx.is_main:
+        if ctx.is_main:
             print(
                 f"[grpo] held-out greedy: {cfg.rewards[0]} {100 * result['accuracy']:.1f}% of {n}, "
                 f"mean reward {result['mean_reward']:.3f}; e.g. {texts[0][:40]!r} -> {completions[0][:60]!r}",
@@ -424,6 +432,15 @@ class GRPOTrainer(SFTTrainer):
             )
         self.last.update({k: result[k] for k in ("accuracy", "mean_reward")})
         return result
+
+
+def check_before_launch(cfg: GRPOConfig, resume: bool) -> None:
+    """What `--nproc-per-node N` runs once before starting N processes: every check `prepare` makes
+    (prompts, rewards on a dry sample, models, vocabulary, method, resume)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    preflight(cfg, resume)
+    prepare(cfg)
 
 
 def grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
@@ -434,7 +451,6 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> dict[str, Any]:
     ckpt = preflight(cfg, resume)
     data = prepare(cfg)
     ctx = init_distributed(resolve_device(cfg.device))
-    require(not ctx.enabled, "GRPO runs in one process for now; drop torchrun / --nproc-per-node")
     try:
         trainer = GRPOTrainer(cfg, ctx, data, ckpt)
         before = trainer.evaluate() if ckpt is None else {}

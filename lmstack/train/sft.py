@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,18 @@ import numpy as np
 import torch
 
 from lmstack.config import TrainConfig
+from lmstack.data.sft import PackedRows
 from lmstack.errors import LmstackError, require
-from lmstack.peft.config import PeftConfig
+from lmstack.peft.config import VIRTUAL_TOKEN_METHODS, PeftConfig
 from lmstack.train import checkpoint as ckpt_io
-from lmstack.train.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from lmstack.train.distributed import (
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    is_main_process,
+    print_main,
+    unwrap,
+)
 from lmstack.train.pretrain import Trainer, _checkpoint_to_resume
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
@@ -119,9 +126,11 @@ class SFTBatches:
             self._perms[epoch] = rng.permutation(len(self.rows))
         return self._perms[epoch]
 
-    def indices(self, step: int, micro: int) -> np.ndarray:
+    def indices(self, step: int, micro: int, rank: int | None = None) -> np.ndarray:
+        """Rows of micro-batch `micro` of step `step` for `rank` (default: this process's)."""
+        rank = self.rank if rank is None else rank
         per_step = self.grad_accum * self.world_size * self.batch_size
-        start = step * per_step + (micro * self.world_size + self.rank) * self.batch_size
+        start = step * per_step + (micro * self.world_size + rank) * self.batch_size
         k = start + np.arange(self.batch_size)
         n = len(self.rows)
         return np.array([self._perm(int(i // n))[i % n] for i in k])
@@ -129,40 +138,50 @@ class SFTBatches:
     def get(self, step: int, micro: int) -> dict[str, Any]:
         return self.rows.batch(self.indices(step, micro))
 
+    def token_weight(self, step: int, micro: int) -> float:
+        """world_size x this rank's share of the micro-batch's trained tokens (1 in one process).
 
-def prepare(cfg: SFTConfig) -> dict[str, Any]:
-    """Load the base and tokenizer, read, render and pack the data, apply the method: every input
-    problem surfaces here, before a single step runs."""
-    from lmstack.data.sft import (
-        check_chat_template,
-        pack,
-        read_conversations,
-        split_conversations,
-        tokenize_conversations,
-        use_chatml,
-    )
-    from lmstack.hub import load_model
-    from lmstack.peft import apply_peft
+        DDP averages the ranks' gradients of their own per-token mean losses; packed rows hold different
+        token counts, so that average would weight a token on a sparse rank more. Scaled by this weight,
+        the average is the mean over every trained token of the micro-batch, as one process computes it.
+        """
+        if self.world_size == 1:
+            return 1.0
+        targets = self.rows.targets
+        counts = [int((targets[self.indices(step, micro, r)] != -100).sum()) for r in range(self.world_size)]
+        return self.world_size * counts[self.rank] / max(sum(counts), 1)
 
-    require(bool(cfg.base_model), "no base model given; pass --model REF (an alias, a model dir or a .gguf)")
-    require(bool(cfg.data), "no training data given; pass --data FILE.jsonl (chat, Alpaca or ShareGPT rows)")
+
+@dataclass
+class SFTData:
+    """A conversation file rendered with the chat template, masked and packed: what fine-tuning and
+    distillation train on."""
+
+    train: PackedRows
+    val: PackedRows
+    val_bytes: int  # UTF-8 bytes of the held-out assistant text (for bits per byte)
+    val_prompt: list[dict[str, str]]  # the first held-out conversation (answered at each eval)
+    n_train: int  # conversations that kept an assistant token within seq_len
+    n_val: int
+    truncated: int  # training conversations cut at seq_len
+
+
+def read_sft_split(cfg: SFTConfig) -> tuple[list, list]:
+    """(train, held-out) conversations: `val_data`, or a seeded `val_fraction` split of `data`."""
+    from lmstack.data.sft import read_conversations, split_conversations
+
     conversations = read_conversations(cfg.data)
     if cfg.val_data:
-        train_convs, val_convs = conversations, read_conversations(cfg.val_data)
-    else:
-        train_convs, val_convs = split_conversations(conversations, cfg.val_fraction, cfg.seed)
-    model, tokenizer = load_model(cfg.base_model, device="cpu", dtype=torch.float32)
-    if tokenizer is None:
-        raise LmstackError(f"{cfg.base_model} has no tokenizer; fine-tuning needs one to render the data")
-    if cfg.chat_template == "chatml":
-        use_chatml(tokenizer)
-    check_chat_template(tokenizer, cfg.base_model)
-    extra = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prefix", "ptuning-v2", "prompt") else 0
-    if cfg.seq_len + extra > model.cfg.max_seq_len:
-        raise LmstackError(
-            f"seq_len={cfg.seq_len} (+{extra} virtual tokens) is longer than the model's context "
-            f"{model.cfg.max_seq_len}; lower seq_len"
-        )
+        return conversations, read_conversations(cfg.val_data)
+    return split_conversations(conversations, cfg.val_fraction, cfg.seed)
+
+
+def render_sft_data(cfg: SFTConfig, tokenizer: Any, vocab_size: int, split: tuple[list, list]) -> SFTData:
+    """Tokenize (assistant-only targets) and pack both splits; refuses data no step could train on.
+    The tokenizer already carries the chat template the run uses (`use_chat_template`)."""
+    from lmstack.data.sft import pack, tokenize_conversations
+
+    train_convs, val_convs = split
     train, truncated = tokenize_conversations(tokenizer, train_convs, cfg.seq_len)
     val, _ = tokenize_conversations(tokenizer, val_convs, cfg.seq_len)
     if not train or not val:
@@ -171,29 +190,65 @@ def prepare(cfg: SFTConfig) -> dict[str, Any]:
             f"seq_len={cfg.seq_len}; raise seq_len"
         )
     bad = max(int(e.inputs.max()) for e in train + val)
-    if bad >= model.cfg.vocab_size:
-        raise LmstackError(
-            f"the data renders to token id {bad}, outside the model's vocabulary of {model.cfg.vocab_size}"
-        )
+    if bad >= vocab_size:
+        raise LmstackError(f"the data renders to token id {bad}, outside the model's vocabulary of {vocab_size}")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows = pack(train, cfg.seq_len, pad, cfg.packing, cfg.seed)
-    val_rows = pack(val, cfg.seq_len, pad, cfg.packing, cfg.seed)
     trained_val = [t for e in val for t in e.targets if t != -100]
-    print(
-        f"[sft] {len(train)} train / {len(val)} held-out conversations ({truncated} truncated to {cfg.seq_len}); "
-        f"{len(rows)} rows of {cfg.seq_len} tokens ({100 * rows.fill:.1f}% filled, packing {cfg.packing})",
-        file=sys.stderr,
+    return SFTData(
+        train=pack(train, cfg.seq_len, pad, cfg.packing, cfg.seed),
+        val=pack(val, cfg.seq_len, pad, cfg.packing, cfg.seed),
+        val_bytes=len(tokenizer.decode(trained_val).encode("utf-8")),
+        val_prompt=val_convs[0],
+        n_train=len(train),
+        n_val=len(val),
+        truncated=truncated,
+    )
+
+
+def use_chat_template(tokenizer: Any, cfg: SFTConfig, ref: str) -> None:
+    """Switch to ChatML when asked; refuse a tokenizer without a chat template (it renders the data)."""
+    from lmstack.data.sft import check_chat_template, use_chatml
+
+    if cfg.chat_template == "chatml":
+        use_chatml(tokenizer)
+    check_chat_template(tokenizer, ref)
+
+
+def prepare(cfg: SFTConfig) -> dict[str, Any]:
+    """Load the base and tokenizer, read, render and pack the data, apply the method: every input
+    problem surfaces here, before a single step runs."""
+    from lmstack.hub import load_model
+    from lmstack.peft import apply_peft
+
+    require(bool(cfg.base_model), "no base model given; pass --model REF (an alias, a model dir or a .gguf)")
+    require(bool(cfg.data), "no training data given; pass --data FILE.jsonl (chat, Alpaca or ShareGPT rows)")
+    split = read_sft_split(cfg)
+    model, tokenizer = load_model(cfg.base_model, device="cpu", dtype=torch.float32)
+    if tokenizer is None:
+        raise LmstackError(f"{cfg.base_model} has no tokenizer; fine-tuning needs one to render the data")
+    use_chat_template(tokenizer, cfg, cfg.base_model)
+    extra = cfg.peft.num_virtual_tokens if cfg.peft.method in VIRTUAL_TOKEN_METHODS else 0
+    if cfg.seq_len + extra > model.cfg.max_seq_len:
+        raise LmstackError(
+            f"seq_len={cfg.seq_len} (+{extra} virtual tokens) is longer than the model's context "
+            f"{model.cfg.max_seq_len}; lower seq_len"
+        )
+    data = render_sft_data(cfg, tokenizer, model.cfg.vocab_size, split)
+    print_main(
+        f"[sft] {data.n_train} train / {data.n_val} held-out conversations ({data.truncated} truncated to "
+        f"{cfg.seq_len}); {len(data.train)} rows of {cfg.seq_len} tokens ({100 * data.train.fill:.1f}% filled, "
+        f"packing {cfg.packing})"
     )
     cfg.model = dataclasses.replace(model.cfg)
     torch.manual_seed(cfg.seed)  # adapter initialisation is part of the run's seed
-    apply_peft(model, cfg.peft, tokenizer)
+    apply_peft(model, cfg.peft, tokenizer, verbose=is_main_process())
     return {
         "model": model,
         "tokenizer": tokenizer,
-        "train": rows,
-        "val": val_rows,
-        "val_bytes": len(tokenizer.decode(trained_val).encode("utf-8")),
-        "val_prompt": next(c for c in val_convs),
+        "train": data.train,
+        "val": data.val,
+        "val_bytes": data.val_bytes,
+        "val_prompt": data.val_prompt,
     }
 
 
@@ -241,6 +296,10 @@ class SFTTrainer(Trainer):
         out = self.model(
             inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing, trained_logits_only=True
         )
+        weight = self.batches.token_weight(step, micro)
+        if weight != 1.0:  # the language-modelling part becomes this rank's share of the global token mean
+            out.loss = out.loss + (weight - 1.0) * out.lm_loss
+            out.lm_loss = out.lm_loss * weight
         if self.allocator is not None:  # AdaLoRA keeps P and Q near-orthogonal
             from lmstack.peft.adalora import orthogonal_penalty
 

@@ -8,6 +8,11 @@ Parts: a `Scheduler` (continuous batching, chunked prefill, preemption), a `Bloc
 (paged KV with prefix caching), a `ModelRunner` (one ragged forward), per-request `TokenSampler`s,
 and optionally a drafter for speculative decoding. `step()` runs one scheduled batch and returns
 the outputs of every request that produced tokens or finished.
+
+Prompt scoring (`SamplingParams.prompt_logprobs`, with `max_new_tokens=0` to score without generating):
+the prefill computes logits at every prompt position, and position i's log-softmax gives prompt token
+i+1's log-probability. Such sequences skip the prefix cache (a cached block has no logits), and each
+collects its own scores before it samples, so a request's first output already carries them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import Tensor
 
 from lmstack.engine.kv_cache import BlockManager, PagedKVCache, RowSpec, block_bytes
 from lmstack.engine.runner import ModelRunner, StepRow
-from lmstack.engine.sampling import SamplingParams, TokenLogprob, TokenSampler
+from lmstack.engine.sampling import SamplingParams, TokenLogprob, TokenSampler, token_logprobs
 from lmstack.engine.scheduler import ScheduledRow, Scheduler, Sequence
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError, require
@@ -88,6 +93,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With SamplingParams.prompt_logprobs: one per prompt token, the first None (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -109,6 +116,7 @@ class _Completion:
     scanner: StopStringScanner
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry i scores prompt token i + 1
     stop_reason: str | int | None = None
     reported_chars: int = 0  # text already sent in earlier outputs
 
@@ -204,8 +212,9 @@ class LLMEngine:
                 params, self.model_cfg.vocab_size, self.device, seed_offset=index, constraint=self._constraint(params)
             )
             seq = Sequence(
-                next(self._seq_ids), request_id, index, list(prompt_ids), len(prompt_ids), max_tokens, sampler
-            )
+                next(self._seq_ids), request_id, index, list(prompt_ids), len(prompt_ids), max_tokens, sampler,
+                score_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1,
+            )  # fmt: skip
             completions.append(_Completion(seq, StopStringScanner(params.stop)))
         self.requests[request_id] = _Request(request_id, list(prompt_ids), params, completions)
         for completion in completions:
@@ -224,7 +233,6 @@ class LLMEngine:
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab, context = self.model_cfg.vocab_size, self.model_cfg.max_seq_len
         require(prompt_ids, "the prompt is empty; pass some text or token ids")
-        require(params.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         require(not bad, f"token id {bad[0] if bad else 0} is outside the model's vocabulary of {vocab}")
         if len(prompt_ids) >= context:
@@ -279,12 +287,15 @@ class LLMEngine:
             seq, start = row.seq, row.seq.num_computed
             tokens = seq.tokens[start : start + row.num_new] + row.drafts
             spec = RowSpec(seq.block_table, start, len(tokens))
-            step_rows.append(StepRow(tokens, spec, len(row.drafts) + 1 if row.samples else 0))
+            num_logits = len(tokens) if seq.score_prompt else len(row.drafts) + 1 if row.samples else 0
+            step_rows.append(StepRow(tokens, spec, num_logits))
         logits = self.runner.run(step_rows)
         new_tokens: dict[int, list[int]] = {}
         for row, row_logits in zip(rows, logits, strict=True):
             seq = row.seq
             samples = row.samples
+            if seq.score_prompt:
+                row_logits = self._score_prompt(row, row_logits)
             seq.num_computed += row.num_new
             if samples:
                 new_tokens[seq.seq_id] = self._advance(row, row_logits)
@@ -299,10 +310,28 @@ class LLMEngine:
                 del self.requests[request_id]
         return outputs
 
+    def _score_prompt(self, row: ScheduledRow, logits: Tensor) -> Tensor:
+        """Collect the prompt log-probabilities this chunk's logits (one per fed token) give; return the
+        rows sampling reads (the last known token's and the drafts')."""
+        seq, completion = row.seq, self._completion(row.seq)
+        start, scores = seq.num_computed, completion.prompt_logprobs
+        first = len(scores) - start  # positions scored before a preemption are not scored twice
+        stop = min(row.num_new, seq.num_prompt - 1 - start)  # the last prompt position predicts the output
+        if stop > first:
+            targets = seq.tokens[start + first + 1 : start + stop + 1]
+            scores.extend(token_logprobs(logits[first:stop], targets, seq.sampler.params.prompt_logprobs))
+        if len(scores) == seq.num_prompt - 1:
+            seq.score_prompt = False
+        return logits[row.num_new - 1 :]
+
     def _advance(self, row: ScheduledRow, logits: Tensor) -> list[int]:
         """Sample (or verify drafts), append the accepted tokens, apply stop conditions."""
         seq = row.seq
         completion = self._completion(seq)
+        if len(seq.tokens) >= seq.max_tokens:  # max_new_tokens 0: the prefill (prompt scoring) was the work
+            seq.finish_reason = "length"
+            self._release(seq)
+            return []
         tokens = self._draw(row, logits)
         self._drafted += len(row.drafts)
         self._accepted += len(tokens) - 1
@@ -409,7 +438,13 @@ class LLMEngine:
             )
             c.reported_chars = len(c.text)
         num_cached = request.completions[0].seq.num_cached_tokens
-        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished, num_cached)
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None:
+            scored = [c.prompt_logprobs for c in request.completions if not c.seq.score_prompt]
+            prompt_logprobs = [None, *scored[0]] if scored else None
+        return RequestOutput(
+            request.request_id, request.prompt_ids, outputs, request.finished, num_cached, prompt_logprobs
+        )
 
     # -- blocking convenience -----------------------------------------------------------------------
     def generate(

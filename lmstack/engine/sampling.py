@@ -32,6 +32,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence ids
     logprobs: int | None = None  # None: off; 0: the sampled token's log-probability; n: plus the top n
+    # None: off; n >= 0: each prompt token's log-probability (and the top n) from the prefill, for scoring a
+    # prompt (vLLM's name). Such a request bypasses the prefix cache so every prompt position is computed.
+    prompt_logprobs: int | None = None
     n: int = 1  # completions per prompt
     # Structured output (at most one): any JSON object, a JSON schema (dict or JSON text), an EBNF grammar.
     json_object: bool = False
@@ -50,6 +53,10 @@ class SamplingParams:
             -2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
         )
         require(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        require(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+        )
         require(self.n >= 1, f"n must be >= 1, got {self.n}")
         structured = [self.json_object, self.json_schema is not None, self.grammar is not None]
         require(sum(structured) <= 1, "give at most one of json_object, json_schema and grammar")
@@ -68,6 +75,17 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the n most likely (token id, log-probability), best first
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], n: int) -> list[TokenLogprob]:
+    """The model's log-probability of each token (raw logits (N, V), before any penalty) and the top n."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if n > 0:
+        values, ids = logp.topk(n, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops, strict=True)]
 
 
 class LogitsConstraint(Protocol):
@@ -194,9 +212,4 @@ class TokenSampler:
         n = self.params.logprobs
         if n is None:
             return None
-        logp = logits.float().log_softmax(dim=-1)
-        top: list[tuple[int, float]] = []
-        if n > 0:
-            values, ids = logp.topk(n)
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token, float(logp[token]), top)
+        return token_logprobs(logits[None], [token], n)[0]

@@ -38,6 +38,7 @@ class Sequence:
     registered_blocks: int = 0  # leading full blocks entered in the prefix cache
     chain_parent: int = 0  # hash chain after the registered blocks
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    score_prompt: bool = False  # prompt log-probabilities still to collect: skip the prefix cache, compute all
     admitted: bool = False
     num_preemptions: int = 0
     finish_reason: str | None = None
@@ -120,7 +121,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Give a waiting sequence its cached prefix and the blocks for its first chunk."""
-        hits, parent = self.blocks.lookup_prefix(seq.tokens)
+        hits, parent = ([], 0) if seq.score_prompt else self.blocks.lookup_prefix(seq.tokens)
         bs = self.blocks.block_size
         computed = len(hits) * bs
         n = min(len(seq.tokens) - computed, budget)

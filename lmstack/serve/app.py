@@ -37,6 +37,7 @@ from lmstack.serve.responses import (
     TokenText,
     chat_logprobs,
     completion_logprobs,
+    echo_logprobs,
     new_id,
     now,
     sse,
@@ -301,6 +302,7 @@ class _Choice:
         self.text = ""
         self.tokens = 0
         self.logprobs: list[Any] = []
+        self.prompt_logprobs: list[Any] | None = None  # echo with logprobs: the prompt's scores
         self.finish_reason: str | None = None
         self.tool_stream = tool_stream
 
@@ -308,6 +310,8 @@ class _Choice:
         self.text += delta.text
         self.tokens += len(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
@@ -550,6 +554,8 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], limit)
         if body.logprobs is not None:
             kwargs["logprobs"] = body.logprobs
+            if body.echo:  # the echoed prompt's tokens are scored too (prompt scoring, lm-eval's loglikelihood)
+                kwargs["prompt_logprobs"] = body.logprobs
         params = model.sampling_params(kwargs)
         run = _Run(state, model, experiment, "completions", len(ids))
         try:
@@ -571,7 +577,7 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
             for r in runs:
                 r.done(499)  # no-ops when the stream recorded its own outcome
 
-        body_iter = _completion_stream(state, body, runs, merged, prompt_texts, rid, created)
+        body_iter = _completion_stream(state, body, runs, merged, prompt_texts, encoded, rid, created)
         return _EventStream(body_iter, close, _headers(model, experiment))
     choices = [_Choice(i, None) for i in range(len(prompts) * body.n)]
 
@@ -600,6 +606,8 @@ async def _completion(state: ServerState, request: Request, body: CompletionRequ
     for c in choices:
         prefix = prompt_texts[c.index // body.n] if body.echo else ""
         logprobs = completion_logprobs(c.logprobs, text_of, len(prefix)) if body.logprobs is not None else None
+        if logprobs is not None and body.echo:
+            logprobs = echo_logprobs(encoded[c.index // body.n], c.prompt_logprobs, logprobs, text_of)
         out.append({"index": c.index, "text": prefix + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     total = usage(sum(r.prompt_tokens for r in runs), sum(r.completion_tokens for r in runs))
     payload = {
@@ -653,6 +661,7 @@ async def _completion_stream(
     runs: list[_Run],
     merged: AsyncIterator[tuple[int, Delta]],
     prompt_texts: list[str],
+    prompt_ids: list[list[int]],
     rid: str,
     created: int,
 ) -> AsyncIterator[bytes]:
@@ -678,14 +687,21 @@ async def _completion_stream(
             }
         )
 
+    # Echoed prompts go first; with logprobs, each choice's echo waits for its first delta, which carries
+    # the prompt's scores from the prefill.
+    echo_due = set(range(len(offsets))) if body.echo and body.logprobs is not None else set()
     status = 200
     try:
-        if body.echo:
+        if body.echo and not echo_due:
             for i in range(len(offsets)):
                 yield chunk(i, prompt_texts[i // body.n], None, None)
         async for prompt_index, delta in merged:
             runs[prompt_index].saw(delta)
             index = prompt_index * body.n + delta.index
+            if index in echo_due:
+                echo_due.discard(index)
+                scores = completion_logprobs(delta.prompt_logprobs, text_of, 0, prompt_ids[prompt_index])
+                yield chunk(index, prompt_texts[prompt_index], None, scores)
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(delta.logprobs, text_of, offsets[index])

@@ -44,6 +44,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the prompt's scores, when they were asked for
 
 
 @dataclass
@@ -162,7 +163,9 @@ class DeltaStream:
                     if c.logprobs is not None:
                         start = seen_logprobs.get(c.index, 0)
                         logprobs, seen_logprobs[c.index] = c.logprobs[start:], len(c.logprobs)
-                    yield Delta(c.index, c.new_text, list(c.new_token_ids), logprobs, c.finish_reason)
+                    yield Delta(
+                        c.index, c.new_text, list(c.new_token_ids), logprobs, c.finish_reason, out.prompt_logprobs
+                    )
                 if out.finished:
                     return
             raise Shutdown()  # the engine stopped before the request finished

@@ -203,9 +203,10 @@ class CompletionRequest(SamplingFields):
         self.check_common()
         if self.suffix:
             raise bad_request("suffix (fill-in-the-middle) is not supported by this server's models", param="suffix")
-        if self.max_tokens == 0:  # OpenAI allows it with echo to score a prompt
+        if self.max_tokens == 0 and not self.echo:
             raise bad_request(
-                "max_tokens must be at least 1 (scoring a prompt alone, echo with max_tokens 0, is not supported)",
+                "max_tokens 0 generates nothing; to score the prompt send 'echo': true with it "
+                "(and 'logprobs' for the prompt tokens' log-probabilities)",
                 param="max_tokens",
             )
         if self.best_of is not None and self.best_of != self.n:

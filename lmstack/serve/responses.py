@@ -75,14 +75,28 @@ def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, 
     }
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_of: TokenText, offset: int) -> dict[str, Any]:
-    """OpenAI legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
+def completion_logprobs(
+    entries: list[TokenLogprob | None], text_of: TokenText, offset: int, token_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """OpenAI legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset.
+
+    An echoed prompt's scores pass `token_ids` too: its first entry is None (no log-probability for the
+    first token, null in the response, as OpenAI and lm-evaluation-harness expect)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
-    for e in entries:
-        text, _ = text_of(e.token_id)
+    ids = token_ids if token_ids is not None else [e.token_id for e in entries]
+    for token_id, e in zip(ids, entries, strict=True):
+        text, _ = text_of(token_id)
         tokens.append(text)
-        token_logprobs.append(e.logprob)
-        tops.append({text_of(t)[0]: lp for t, lp in e.top})
+        token_logprobs.append(None if e is None else e.logprob)
+        tops.append(None if e is None else {text_of(t)[0]: lp for t, lp in e.top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(
+    prompt_ids: list[int], prompt_scores: list[TokenLogprob | None], generated: dict[str, Any], text_of: TokenText
+) -> dict[str, Any]:
+    """An echoed prompt's token scores followed by the generated tokens' (`generated`, completion shape)."""
+    prompt = completion_logprobs(prompt_scores, text_of, 0, prompt_ids)
+    return {key: prompt[key] + generated[key] for key in prompt}

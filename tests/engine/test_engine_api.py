@@ -199,8 +199,8 @@ def test_bad_requests_fail_clearly_before_queueing(model, text_engine):
         engine.add_request("text", GREEDY)
     with pytest.raises(LmstackError, match="stop strings need a tokenizer"):
         engine.add_request([1, 2], SamplingParams(stop=["x"]))
-    with pytest.raises(LmstackError, match="max_new_tokens must be >= 1"):
-        engine.add_request([1, 2], SamplingParams(max_new_tokens=0))
+    prefill_only = engine.generate([1, 2], SamplingParams(max_new_tokens=0))[0]  # prompt scoring's shape
+    assert prefill_only.outputs[0].token_ids == [] and prefill_only.outputs[0].finish_reason == "length"
     engine.add_request([1, 2], GREEDY, request_id="a")
     with pytest.raises(QueueFullError, match="queue is full"):
         engine.add_request([1, 2], GREEDY)

@@ -57,7 +57,7 @@ def test_bad_chat_bodies(server, body, words):
     [
         ("/v1/completions", {"prompt": [1, 10**9]}, "outside the vocabulary"),
         ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
-        ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": True}, "at least 1"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "send 'echo': true"),
         ("/v1/completions", {"prompt": ""}, "empty"),
         ("/v1/embeddings", {"input": []}, "input"),
         ("/v1/embeddings", {"input": [""]}, "empty"),

@@ -79,19 +79,20 @@ class Int4Linear(QuantizedLinear):
         check_linear(linear, "int4 quantization")
         check_group_size(group_size, linear.in_features, "int4 quantization", multiple_of=BLOCK)
         w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)  # (out, groups, group)
-        tiny = torch.finfo(torch.float16).tiny
         if symmetric:
             # The value of largest magnitude, with its sign, maps to code 0 (= -8): one more level used.
             extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
             scales = (extreme / -8).to(torch.float16)
-            safe = torch.where(scales.float().abs() < tiny, torch.ones_like(scales.float()), scales.float())
+            # Only an all-zero group needs a stand-in divisor; a subnormal float16 scale is a real scale.
+            safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
             codes = torch.round(w / safe[..., None]) + 8
             mins = None
         else:
             lo, hi = w.amin(dim=-1), w.amax(dim=-1)
             scales = ((hi - lo) / 15).to(torch.float16)
             mins = lo.to(torch.float16)
-            codes = torch.round((w - mins.float()[..., None]) / scales.float().clamp_min(tiny)[..., None])
+            safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
+            codes = torch.round((w - mins.float()[..., None]) / safe[..., None])
         codes = codes.clamp(0, 15).reshape(linear.out_features, linear.in_features)
         return cls(pack_int4(codes), scales, mins, linear.bias)
 

@@ -50,7 +50,8 @@ class Int8Linear(QuantizedLinear):
         check_group_size(group, linear.in_features, "int8 quantization")
         w = linear.weight.detach().float().reshape(linear.out_features, -1, group)  # (out, groups, group)
         scales = (w.abs().amax(dim=-1) / 127).to(torch.float16)  # rounded first: codes use the stored scale
-        safe = scales.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+        # Only an all-zero group needs a stand-in divisor; a subnormal float16 scale is a real scale.
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()[..., None]
         q = torch.round(w / safe).clamp(-127, 127).to(torch.int8).reshape(linear.out_features, -1)
         return cls(q, scales, linear.bias)
 

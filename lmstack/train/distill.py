@@ -35,8 +35,16 @@ from lmstack.model.transformer import Transformer
 from lmstack.peft.config import PeftConfig
 from lmstack.train.distributed import cleanup, init_distributed, is_main_process, print_main
 from lmstack.train.reference import check_same_vocabulary
-from lmstack.train.sft import SFTConfig, SFTTrainer, preflight, read_sft_split, render_sft_data, use_chat_template
-from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
+from lmstack.train.sft import (
+    SFTConfig,
+    SFTTrainer,
+    load_run_config,
+    preflight,
+    read_sft_split,
+    render_sft_data,
+    use_chat_template,
+)
+from lmstack.utils.config_loader import load_yaml
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import atomic_path
 
@@ -68,11 +76,7 @@ class DistillConfig(SFTConfig):
 
 
 def load_distill_config(recipe: str | Path | None, overrides: list[str] | None = None) -> DistillConfig:
-    values = load_yaml(recipe) if recipe else {}
-    values = merge(values, parse_overrides(overrides or []))
-    if "model" in values:
-        raise LmstackError("distillation takes its student from --student (base_model); drop the 'model' keys")
-    return build_dataclass(DistillConfig, values)
+    return load_run_config(DistillConfig, recipe, overrides, "distillation", "--student")
 
 
 def is_new_student(student: str) -> bool:

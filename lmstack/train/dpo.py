@@ -53,10 +53,10 @@ from lmstack.train.sft import (
     RESUME_TENSORS,
     SFTConfig,
     SFTTrainer,
+    load_run_config,
     preflight,
     use_chat_template,
 )
-from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import atomic_path
 
@@ -93,11 +93,7 @@ class AlignConfig(SFTConfig):
 
 
 def load_align_config(recipe: str | Path | None, overrides: list[str] | None = None) -> AlignConfig:
-    values = load_yaml(recipe) if recipe else {}
-    values = merge(values, parse_overrides(overrides or []))
-    if "model" in values:
-        raise LmstackError("alignment takes its model from --model (base_model); drop the 'model' keys")
-    return build_dataclass(AlignConfig, values)
+    return load_run_config(AlignConfig, recipe, overrides, "alignment")
 
 
 # --- the losses -----------------------------------------------------------------------------------

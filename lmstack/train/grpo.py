@@ -38,8 +38,7 @@ from lmstack.peft.config import VIRTUAL_TOKEN_METHODS
 from lmstack.train.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, print_main, unwrap
 from lmstack.train.reference import check_same_vocabulary, token_logps
 from lmstack.train.rewards import call_reward, resolve_reward
-from lmstack.train.sft import SFTBatches, SFTConfig, SFTTrainer, preflight, use_chat_template
-from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
+from lmstack.train.sft import SFTBatches, SFTConfig, SFTTrainer, load_run_config, preflight, use_chat_template
 from lmstack.utils.device import resolve_device
 
 
@@ -83,11 +82,7 @@ class GRPOConfig(SFTConfig):
 
 
 def load_grpo_config(recipe: str | Path | None, overrides: list[str] | None = None) -> GRPOConfig:
-    values = load_yaml(recipe) if recipe else {}
-    values = merge(values, parse_overrides(overrides or []))
-    if "model" in values:
-        raise LmstackError("GRPO takes its model from --model (base_model); drop the 'model' keys")
-    return build_dataclass(GRPOConfig, values)
+    return load_run_config(GRPOConfig, recipe, overrides, "GRPO")
 
 
 # --- the objective ----------------------------------------------------------------------------------

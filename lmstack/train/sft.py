@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ from lmstack.train.distributed import (
 from lmstack.train.pretrain import Trainer, _checkpoint_to_resume
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
 from lmstack.utils.device import resolve_device
+
+SFTConfigT = TypeVar("SFTConfigT", bound="SFTConfig")
 
 # Learning rates that work for each method when no lr is given (the usual values in the papers and
 # in LLaMA-Factory / PEFT examples): whole-model updates need small steps, a few vectors large ones.
@@ -99,13 +101,28 @@ class SFTConfig(TrainConfig):
         )
 
 
-def load_sft_config(recipe: str | Path | None, overrides: list[str] | None = None) -> SFTConfig:
-    """Recipe YAML + `--set` overrides -> SFTConfig (strict about unknown keys)."""
+def load_run_config(
+    cls: type[SFTConfigT],
+    recipe: str | Path | None,
+    overrides: list[str] | None,
+    what: str,
+    model_flag: str = "--model",
+) -> SFTConfigT:
+    """Recipe YAML + `--set` overrides -> a post-training config `cls` (strict about unknown keys).
+
+    The model to train comes from `model_flag` (base_model), never from a pretraining recipe's `model:`.
+    """
     values = load_yaml(recipe) if recipe else {}
     values = merge(values, parse_overrides(overrides or []))
     if "model" in values:
-        raise LmstackError("fine-tuning takes its model from --model (base_model); drop the 'model' keys")
-    return build_dataclass(SFTConfig, values)
+        role = model_flag.removeprefix("--")
+        raise LmstackError(f"{what} takes its {role} from {model_flag} (base_model); drop the 'model' keys")
+    return build_dataclass(cls, values)
+
+
+def load_sft_config(recipe: str | Path | None, overrides: list[str] | None = None) -> SFTConfig:
+    """Recipe YAML + `--set` overrides -> SFTConfig (strict about unknown keys)."""
+    return load_run_config(SFTConfig, recipe, overrides, "fine-tuning")
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -147,13 +147,19 @@ def test_cli_bad_data_is_one_line(base_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_ddp_two_processes(base_dir, tmp_path):
+def test_lora_ddp_two_processes_match_one(base_dir, tmp_path):
+    """2 ranks x 2 packed rows = 1 process x 4 rows, loss for loss: each rank's token mean is weighted by
+    its share of the micro-batch's tokens, so DDP's gradient average is the mean over all of them."""
     out = tmp_path / "ddp"
+    settings = ["max_steps=3", "seq_len=128", "eval_every=3", "log_every=1", "tensorboard=false", "threads=1"]
     args = ["finetune", "--model", str(base_dir), "--data", str(INSTRUCTIONS), "--out", str(out)]
-    args += ["--nproc-per-node", "2", "--set", "max_steps=2", "--set", "seq_len=128", "--set", "batch_size=2"]
-    args += ["--set", "eval_every=2", "--set", "tensorboard=false", "--set", "threads=1"]
+    args += ["--nproc-per-node", "2", *(a for s in [*settings, "batch_size=2"] for a in ("--set", s))]
     assert main(args) == 0
     assert resolve(out)[0] == "adapter"
+    finetune(_config(base_dir, tmp_path / "one", *settings))  # batch_size=4
+    losses = [m["loss"] for m in _metrics(out) if "loss" in m]
+    assert losses == pytest.approx([m["loss"] for m in _metrics(tmp_path / "one") if "loss" in m], rel=1e-4)
+    assert len(losses) == 3
 
 
 def test_fsdp_with_an_adapter_method_is_refused(base_dir, tmp_path, capsys):

@@ -539,17 +539,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     _add_gguf_weights_arg(p)
-    p = command("quantize", _quantize, "quantize a model: int8, int4, nf4, gptq, awq or w8a8 (docs/compression.md)")
+    p = command(
+        "quantize", _quantize, "quantize a model: int8, int4, nf4, gptq, awq, w8a8 or qat (docs/compression.md)"
+    )
     p.add_argument("--model", required=True)
-    p.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq", "awq", "w8a8"])
+    p.add_argument("--method", required=True, choices=["int8", "int4", "nf4", "gptq", "awq", "w8a8", "qat"])
     p.add_argument("--out", required=True, help="output model directory (a model reference)")
     p.add_argument("--group-size", type=int, default=None, help="columns per scale (int4/gptq/awq default 32)")
     p.add_argument("--asymmetric", action="store_true", help="int4/gptq/awq: scale and minimum per group (Q4_1)")
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="gptq/awq: 4 or 8")
-    p.add_argument("--calib", default=None, help="gptq/awq/w8a8 calibration text (.txt/.jsonl); default built-in")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="gptq/awq/qat: 4 or 8")
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="gptq/awq/w8a8 calibration text, qat training text (.txt/.jsonl); default built-in",
+    )
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--qat-steps", type=int, default=100, help="qat: fine-tuning steps through fake-quantized weights")
+    p.add_argument("--qat-lr", type=float, default=1e-4, help="qat: peak learning rate (warmup + cosine)")
     p = command("prune", _prune, "prune a model: magnitude, wanda, 2:4, or structured heads/channels/layers")
     p.add_argument("--model", required=True)
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "2:4", "heads", "channels", "layers"])

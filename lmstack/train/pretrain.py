@@ -155,6 +155,9 @@ def tune_cpu_allocator() -> None:
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
+_VAL_KEYS = ("val_loss", "val_ppl", "val_bpb")  # what every evaluate returns
+
+
 def _every(step: int, period: int) -> bool:
     """True every `period` steps; a period of 0 means never (the end of the run still logs/evals/saves)."""
     return period > 0 and step % period == 0
@@ -276,7 +279,7 @@ class Trainer:
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
         self.batches = self.build_batches()
-        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
+        self.flops_per_token = self.model_flops_per_token()
         self.peak_flops = measure_peak_flops(self.device, self.amp_dtype)
         self.tracker = RunTracker(
             self.out,
@@ -313,6 +316,10 @@ class Trainer:
         x, y = self.batches.get(step, micro)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return self.model(x, y, label_smoothing=self.cfg.label_smoothing)
+
+    def model_flops_per_token(self) -> float:
+        """Training FLOPs per token of the model being trained (for MFU)."""
+        return self.cfg.model.flops_per_token(self.cfg.seq_len)
 
     def after_optimizer_step(self) -> None:
         """Runs after each optimizer step while the gradients are still there (AdaLoRA's rank allocation)."""
@@ -460,10 +467,11 @@ class Trainer:
         self.tracker.close(summary)
         if ctx.is_main:
             s = summary
+            bpb = "" if math.isnan(s["val_bpb"]) else f", {s['val_bpb']:.3f} bits/byte"  # nan: masked LM
             print(
                 f"[train] {s['steps']} steps, {s['tokens']:,} tokens in {s['elapsed_s']:.0f}s: "
                 f"train loss {s['train_loss']:.4f}, val loss {s['val_loss']:.4f} "
-                f"(ppl {s['val_ppl']:.2f}, {s['val_bpb']:.3f} bits/byte), "
+                f"(ppl {s['val_ppl']:.2f}{bpb}), "
                 f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}% -> {self.out / 'checkpoint'}",
                 file=sys.stderr,
             )
@@ -532,7 +540,7 @@ class Trainer:
         record: dict[str, Any] = {"step": step, "tokens": step * self.tokens_per_step}
         if do_eval:
             record.update(self.evaluate())
-            self.last.update({k: record[k] for k in ("val_loss", "val_ppl", "val_bpb")})
+            self.last.update({k: record[k] for k in _VAL_KEYS})
         every = self.cfg.sample_every
         if (every == 0 and do_eval) or _every(step, every):
             sampled = self.sample()
@@ -541,9 +549,13 @@ class Trainer:
         if self.ctx.is_main:
             parts = [f"step {step}"]
             if do_eval:
-                parts.append(
-                    f"val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | bpb {record['val_bpb']:.3f}"
-                )
+                shown = [f"val loss {record['val_loss']:.4f}", f"ppl {record['val_ppl']:.2f}"]
+                if not math.isnan(record["val_bpb"]):
+                    shown.append(f"bpb {record['val_bpb']:.3f}")
+                # What a subclass's evaluate adds (masked-LM accuracy, say) is shown too.
+                extra = {k: v for k, v in record.items() if k.startswith("val_") and k not in _VAL_KEYS}
+                shown += [f"{k.removeprefix('val_')} {v:.4f}" for k, v in extra.items() if isinstance(v, float)]
+                parts.append(" | ".join(shown))
             bar.write(": ".join(parts), file=sys.stderr)
             if "sample" in record:
                 bar.write(f"  sample: {record['prompt'] + record['sample']!r}"[:400], file=sys.stderr)

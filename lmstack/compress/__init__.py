@@ -12,8 +12,9 @@ dequantize() -> (out, in), concat_out(modules), packed buffers in the state dict
 
 Whole models and files:
   lmstack.compress.model       quantize_model, save_quantized, load_quantized_dir, QuantizedEmbedding
-  lmstack.compress.quantize    `lmstack quantize` (int8/int4/nf4 here; gptq/awq/w8a8 via their modules)
-  lmstack.compress.gguf_load   GGUF Q8_0/Q4_0/Q4_1 kept packed: hub.load_model(ref, keep_quantized=True)
+  lmstack.compress.quantize    `lmstack quantize` (int8/int4/nf4 here; gptq/awq/w8a8/qat via their modules)
+  lmstack.compress.gguf_load   GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K kept packed: hub.load_model(ref, keep_quantized=True),
+                               what generate/chat/serve/eval do unless given --gguf-weights float
   lmstack.compress.gguf_export quantized layers written to GGUF byte for byte (`lmstack convert --to gguf`)
   lmstack.compress.kernels     the fused C++ GEMV/GEMM kernels (csrc/), built just in time
 """

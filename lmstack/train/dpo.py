@@ -11,7 +11,9 @@ Losses on a pair, with s(y) = sum of log p(reply tokens), n(y) its length, r(y) 
          logodds(y) = a - log(1 - exp(a)) with a = s(y)/n(y); lambda is `beta` here, as in TRL
 DPO and IPO need the reference: its log-probs are computed once before training (with the base model
 before the method is applied, or with `ref_model`) and cached in OUT/reference_logps.safetensors, so no
-second model stays in memory. ORPO and SimPO are reference-free.
+second model stays in memory. ORPO and SimPO are reference-free. Every lmstack.peft method trains here,
+prefix/prompt tuning included: the reference is the base before its virtual tokens are added, and the
+policy scores only real tokens (the virtual positions sit in the training cache, with no logits).
 
 Reported on held-out pairs: the loss, the mean reward margin (implicit reward of chosen minus rejected:
 beta * (s - r) for dpo/ipo, beta * s/n for simpo/orpo) and preference accuracy (share of pairs whose

@@ -113,9 +113,9 @@ def _finetune(args: argparse.Namespace) -> None:
     cfg = load_sft_config(args.recipe, _training_overrides(args, args.model))  # config errors before heavy imports
 
     from lmstack.train.distributed import print_main
-    from lmstack.train.sft import finetune, preflight
+    from lmstack.train.sft import check_before_launch, finetune
 
-    if _launched(args, "finetune", lambda: preflight(cfg, args.resume)):
+    if _launched(args, "finetune", lambda: check_before_launch(cfg, args.resume)):
         return
     summary = finetune(cfg, resume=args.resume)
     print_main(f"fine-tuned model: {summary['model']}  (try: lmstack chat --model {args.out})")

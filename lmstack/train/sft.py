@@ -436,6 +436,15 @@ def preflight(cfg: SFTConfig, resume: bool) -> Path | None:
     return _checkpoint_to_resume(cfg, resume)
 
 
+def check_before_launch(cfg: SFTConfig, resume: bool) -> None:
+    """What `--nproc-per-node N` runs once before starting N processes: every check `prepare` makes
+    (data rows, chat template, context, vocabulary, method) besides `preflight`'s, so bad input fails once."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    preflight(cfg, resume)
+    prepare(cfg)
+
+
 def finetune(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Fine-tune `cfg.base_model` on `cfg.data` with `cfg.peft.method`; OUT/checkpoint is a model reference.
 

@@ -166,3 +166,12 @@ def test_fsdp_with_an_adapter_method_is_refused(base_dir, tmp_path, capsys):
     args = ["finetune", "--model", str(base_dir), "--data", str(INSTRUCTIONS), "--out", str(tmp_path / "o")]
     assert main([*args, "--nproc-per-node", "2", "--set", "parallel=fsdp"]) == 2
     assert "adapter method 'lora' trains with DDP" in capsys.readouterr().err
+
+
+def test_nproc_flag_checks_the_data_once_before_starting_processes(base_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    args = ["finetune", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--nproc-per-node", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{data}:2" in err and "Traceback" not in err

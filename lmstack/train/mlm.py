@@ -348,6 +348,8 @@ class MLMTrainer(Trainer):
 
     def build_batches(self) -> TrainBatches:
         cfg, ctx = self.cfg, self.ctx
+        self._cached_step: int | None = None  # _step_examples keeps the current step's global batch
+        self._cached: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
         return TrainBatches(
             self.data.train, cfg.batch_size, self.window, cfg.grad_accum, cfg.seed, ctx.rank, ctx.world_size
         )
@@ -370,16 +372,16 @@ class MLMTrainer(Trainer):
             f"{self.ctx.world_size} process(es) on {self.device.type}, {cfg.dtype}"
         )
 
-    def _examples(self, windows: Tensor, seeds: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, window) text ids -> masked inputs, attention mask and labels for [CLS] + window + [SEP]."""
+    def _examples(self, windows: np.ndarray, seeds: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, window) text ids -> masked inputs and labels of [CLS] + window + [SEP], one generator per row."""
         cfg, data = self.cfg, self.data
         B = windows.shape[0]
         ids = np.concatenate(
-            [np.full((B, 1), data.cls_id), windows.numpy(), np.full((B, 1), data.sep_id)], axis=1
-        ).astype(np.int64)
+            [np.full((B, 1), data.cls_id), windows, np.full((B, 1), data.sep_id)], axis=1, dtype=np.int64
+        )
         selectable = ~np.isin(ids, data.specials)
         inputs, labels = np.empty_like(ids), np.empty_like(ids)
-        for row, seed in enumerate(seeds):  # one generator per example: masks depend on (seed, step, row) only
+        for row, seed in enumerate(seeds):
             rng = np.random.Generator(np.random.PCG64(seed))
             inputs[row], labels[row] = mask_tokens(
                 ids[row],
@@ -391,16 +393,43 @@ class MLMTrainer(Trainer):
                 cfg.mask_token_prob,
                 cfg.random_token_prob,
             )
+        return inputs, labels
+
+    def _to_device(self, inputs: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
         to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        return to(inputs), to(np.ones_like(ids)), to(labels)
+        return to(inputs), to(np.ones_like(inputs)), to(labels)
+
+    def _step_examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Masked inputs and labels of the whole global batch of `step`, (grad_accum, world, batch, seq_len).
+
+        Every rank builds all of it (milliseconds): each row's masks depend on (seed, step, row) only, and
+        knowing the step's total of selected tokens lets each micro-batch weight its loss without a collective.
+        """
+        if self._cached_step == step:
+            return self._cached
+        starts = self.batches.starts(step)  # (grad_accum, world, batch): the decoder's stateless sampler
+        windows = np.stack([np.asarray(self.data.train[s : s + self.window]) for s in starts.reshape(-1)])
+        seeds = [[self.cfg.seed, _MASK_STREAM, step, row] for row in range(len(windows))]
+        inputs, labels = self._examples(windows, seeds)
+        self._cached_step, self._cached = step, (inputs.reshape(*starts.shape, -1), labels.reshape(*starts.shape, -1))
+        return self._cached
 
     def forward_micro(self, step: int, micro: int) -> MLMOutput:
-        cfg, ctx = self.cfg, self.ctx
-        windows, _ = self.batches.get(step, micro)
-        first = (micro * ctx.world_size + ctx.rank) * cfg.batch_size  # this micro-batch's rows in the global batch
-        seeds = [[cfg.seed, _MASK_STREAM, step, first + i] for i in range(len(windows))]
-        inputs, attention, labels = self._examples(windows, seeds)
-        return self.model(inputs, attention, labels)
+        """The micro-batch's MLM loss, weighted so the step's gradient is the mean over all its selected tokens.
+
+        The engine averages micro-batch losses (1/grad_accum) and DDP/FSDP average ranks (1/world); masking
+        selects a different number of tokens per row, so a plain per-micro mean would weight a token in a
+        sparsely masked micro-batch more. Scaled by grad_accum * world * selected_here / selected_in_step, one
+        process x batch 16, 2 x 8 and 1 x 8 x grad_accum 2 train the same step (the logged loss is that mean too).
+        """
+        ctx = self.ctx
+        inputs, labels = self._step_examples(step)
+        here = labels[micro, ctx.rank]
+        weight = labels.shape[0] * ctx.world_size * int((here != IGNORE).sum()) / max(int((labels != IGNORE).sum()), 1)
+        out = self.model(*self._to_device(inputs[micro, ctx.rank], here))
+        out.loss = out.loss * weight
+        out.lm_loss = out.loss
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -414,11 +443,12 @@ class MLMTrainer(Trainer):
         for windows, _ in val_batches(
             self.data.val, cfg.batch_size, self.window, cfg.eval_batches, ctx.rank, ctx.world_size
         ):
-            seeds = [[cfg.seed, _VAL_STREAM, ctx.rank, row + i] for i in range(len(windows))]
+            # val_batches deals window r + k * world to rank r: seed by that global index, so masks match 1 process.
+            seeds = [[cfg.seed, _VAL_STREAM, ctx.rank + (row + i) * ctx.world_size] for i in range(len(windows))]
             row += len(windows)
-            inputs, attention, labels = self._examples(windows, seeds)
+            inputs, labels = self._examples(windows.numpy(), seeds)
             with self.autocast:
-                out = self.model(inputs, attention, labels)
+                out = self.model(*self._to_device(inputs, labels))
             loss_sum += out.lm_loss.double() * out.selected
             correct += out.correct.double()
             count += out.selected

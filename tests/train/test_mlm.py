@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,26 +34,23 @@ TINY_ENCODER = [
 ]
 
 
+SETTINGS = [
+    *TINY_ENCODER,
+    "batch_size=8",
+    "seq_len=64",
+    "warmup_steps=2",
+    "log_every=1",
+    "eval_batches=2",
+    "save_every=100",
+    "tensorboard=false",
+    # One thread: these steps are milliseconds of work, and on a busy 2-core machine two OpenMP threads
+    # spin-wait on each other (measured 10x slower than one).
+    "threads=1",
+]
+
+
 def _cfg(out, data, *extra: str) -> MLMConfig:
-    cfg = load_pretrain_config(
-        None,
-        [
-            *TINY_ENCODER,
-            f"data={data}",
-            f"out={out}",
-            "batch_size=8",
-            "seq_len=64",
-            "warmup_steps=2",
-            "log_every=1",
-            "eval_batches=2",
-            "save_every=100",
-            "tensorboard=false",
-            # One thread: these steps are milliseconds of work, and on a busy 2-core machine two OpenMP threads
-            # spin-wait on each other (measured 10x slower than one).
-            "threads=1",
-            *extra,
-        ],
-    )
+    cfg = load_pretrain_config(None, [*SETTINGS, f"data={data}", f"out={out}", *extra])
     assert isinstance(cfg, MLMConfig)
     return cfg
 
@@ -186,6 +185,36 @@ def test_resumed_mlm_run_matches_straight_run(tmp_path, corpus_file, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(LmstackError, match="cannot resume .*mask_prob"):
         pretrain_mlm(_cfg(tmp_path / "split", corpus_file, *extra, "max_steps=8", "mask_prob=0.2"), resume=True)
+
+
+def test_step_does_not_depend_on_how_the_batch_is_split(tmp_path, corpus_file):
+    """Masks follow (seed, step, row) and losses are weighted by selected tokens: batch 8 = batch 4 x grad_accum 2."""
+    extra = ("max_steps=3", "eval_every=3", "encoder.dropout=0")
+    whole = pretrain_mlm(_cfg(tmp_path / "whole", corpus_file, *extra))
+    split = pretrain_mlm(_cfg(tmp_path / "accum", corpus_file, *extra, "batch_size=4", "grad_accum=2"))
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "accum")
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    assert whole["train_loss"] == pytest.approx(split["train_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, corpus_file, parallel):
+    """`lmstack train --nproc-per-node 2` (gloo) trains the encoder loss for loss like one process."""
+    extra = ["max_steps=3", "eval_every=3", "encoder.dropout=0"]
+    pretrain_mlm(_cfg(tmp_path / "one", corpus_file, *extra))
+    cmd = [sys.executable, "-m", "lmstack.cli", "train", "--nproc-per-node", "2"]  # the encoder.* keys: MLM
+    cmd += ["--out", str(tmp_path / "two"), "--data", str(corpus_file)]
+    for item in [*SETTINGS, *extra, "batch_size=4", f"parallel={parallel}"]:
+        cmd += ["--set", item]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert one.keys() == two.keys() and all(one[k] == pytest.approx(two[k], abs=1e-4) for k in one)
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one_evals = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    val = lambda records: [r["val_loss"] for r in records if "val_loss" in r]
+    assert val(evals) == pytest.approx(val(one_evals), abs=1e-4)
 
 
 # --- bad input ----------------------------------------------------------------------------------------

@@ -131,6 +131,15 @@ def test_mlm_loss_goes_down_and_output_is_an_encoder(tmp_path, corpus_file):
     assert config["format"] == "lmstack-encoder" and config["pretraining"]["objective"] == "masked-lm"
 
 
+def test_shipped_recipe_trains(tmp_path, corpus_file):
+    """recipes/encoder-tiny.yaml as shipped (2 x 128, batch 16 x 128), two steps on the session corpus."""
+    settings = ["max_steps=2", "eval_every=2", "eval_batches=1", "tensorboard=false", "threads=1"]
+    cfg = load_pretrain_config("recipes/encoder-tiny.yaml", [f"data={corpus_file}", f"out={tmp_path}", *settings])
+    summary = pretrain_mlm(cfg)
+    assert summary["steps"] == 2 and 0 < summary["val_loss"] < math.log(30522) + 0.5
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
 def test_cli_embed_and_classify_accept_the_output(tmp_path, corpus_file):
     from lmstack.cli import main
 

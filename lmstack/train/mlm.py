@@ -213,7 +213,6 @@ class MLMData:
     documents: int
     cls_id: int
     sep_id: int
-    pad_id: int
     mask_id: int
     specials: np.ndarray
 
@@ -272,7 +271,6 @@ def prepare_mlm_data(cfg: MLMConfig) -> MLMData:
         documents=len(docs),
         cls_id=ids["[CLS]"],
         sep_id=ids["[SEP]"],
-        pad_id=ids["[PAD]"],
         mask_id=ids["[MASK]"],
         specials=special_ids(tokenizer),
     )

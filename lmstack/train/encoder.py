@@ -139,6 +139,16 @@ def finetune_classifier(
     return metrics
 
 
+def _duplicate_positives(rows: list[dict[str, Any]], device: torch.device) -> torch.Tensor:
+    """(B, B) mask of off-diagonal columns whose passage is row i's own positive.
+
+    Several questions often share a passage; as in-batch "negatives" they would push a question away from
+    its own answer, so they are left out of the softmax (sentence-transformers avoids them by sampling)."""
+    texts = [r["positive"] for r in rows]
+    same = torch.tensor([[a == b for b in texts] for a in texts], device=device)
+    return same & ~torch.eye(len(rows), dtype=torch.bool, device=device)
+
+
 def train_contrastive(
     encoder: TextEncoder,
     data: str | Path,
@@ -174,6 +184,7 @@ def train_contrastive(
                 continue
             queries, positives = embed([r["query"] for r in chunk]), embed([r["positive"] for r in chunk])
             scores = scale * queries @ positives.T  # (B, B): row i's positive is column i
+            scores = scores.masked_fill(_duplicate_positives(chunk, scores.device), float("-inf"))
             loss = F.cross_entropy(scores, torch.arange(len(chunk), device=scores.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

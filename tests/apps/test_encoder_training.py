@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmstack.cli import main
 from lmstack.errors import LmstackError
+
+DEMO_RAG = Path(__file__).resolve().parents[2] / "examples" / "rag"
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +133,38 @@ def test_inverse_cloze_pairs_come_from_the_index(demo_index, tmp_path):
     for pair in pairs[:20]:
         assert pair["query"] not in pair["positive"] and len(pair["query"]) >= 12
     assert any("\u4e00" <= ch <= "\u9fff" for p in pairs for ch in p["query"])  # Chinese sentences too
+
+
+def test_labelled_questions_pair_with_the_chunk_that_holds_the_answer(demo_index, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    train_qa = DEMO_RAG / "train_qa.jsonl"
+    argv = ["rag", "pairs", "--index", str(demo_index), "--out", str(out), "--qa", str(train_qa), "--no-cloze"]
+    assert main(argv + ["--exclude", str(DEMO_RAG / "qa.jsonl")]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    questions = [json.loads(line) for line in train_qa.read_text().splitlines()]
+    assert len(pairs) == len(questions)
+    answers = {q["question"]: q["answer"] for q in questions}
+    for pair in pairs:
+        assert " ".join(answers[pair["query"]].split()) in " ".join(pair["positive"].split())
+
+
+def test_question_pairs_bad_input(demo_index, tmp_path, capsys):
+    qa = DEMO_RAG / "qa.jsonl"
+    argv = ["rag", "pairs", "--index", str(demo_index), "--out", str(tmp_path / "p.jsonl"), "--qa", str(qa)]
+    assert main(argv + ["--exclude", str(qa)]) == 2
+    assert "shares 30 question(s)" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "q?", "answer": "no such words anywhere", "source": "json.md"}\n')
+    assert main(argv[:-1] + [str(wrong)]) == 2
+    assert "is not in any chunk of 'json.md'" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_shared_passages_are_not_negatives_of_each_other():
+    import torch
+
+    from lmstack.train.encoder import _duplicate_positives
+
+    rows = [{"positive": "a"}, {"positive": "b"}, {"positive": "a"}]
+    mask = _duplicate_positives(rows, torch.device("cpu"))
+    assert mask.tolist() == [[False, False, True], [False, False, False], [True, False, False]]

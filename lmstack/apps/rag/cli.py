@@ -54,7 +54,7 @@ def rag_cli(args: argparse.Namespace) -> None:
     elif command == "pairs":
         from lmstack.apps.rag.pairs import write_pairs
 
-        n = write_pairs(args.index, args.out, args.seed)
+        n = write_pairs(args.index, args.out, args.seed, args.qa, not args.no_cloze, args.exclude)
         print(f"{n} (query, positive) pairs -> {args.out}", file=sys.stderr)
 
 

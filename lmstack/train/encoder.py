@@ -59,11 +59,23 @@ def _optimizer(encoder: TextEncoder, lr: float, total_steps: int, warmup: float 
 
 
 def _split(rows: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified: every label keeps its share in both splits, so the majority baseline is a fair yardstick
+    (a plain random split of a balanced set can hand the validation split the training minority)."""
     require(0 < val_fraction < 1, f"--val-fraction must be in (0, 1), got {val_fraction}")
-    shuffled = list(rows)
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, round(len(shuffled) * val_fraction))
-    return shuffled[n_val:], shuffled[:n_val]
+    by_label: dict[str, list] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
+        val += group[:n_val]
+        train += group[n_val:]
+    rng.shuffle(train)
+    require(bool(val), "no label has two rows, so nothing can be held out for validation; add rows")
+    return train, val
 
 
 def accuracy(encoder: TextEncoder, rows: list[dict[str, Any]]) -> float:

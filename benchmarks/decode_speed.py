@@ -1,6 +1,7 @@
 """Single-stream decode speed on SmolLM2-135M-Instruct: lmstack vs transformers `generate()` vs llama.cpp.
 
 Run:  python benchmarks/decode_speed.py [--model smollm2-135m-instruct] [--tokens 64] [--rounds 5] [--threads 2]
+      [--rows NAME ...] [--clock wall|cpu]
 
 Every row decodes the same chat prompt greedily for --tokens new tokens (eos ignored) and records the
 time at which each token arrives, so decode speed is measured directly from the first generated token
@@ -8,7 +9,9 @@ to the last (never "total minus prefill"): lmstack through `generate_tokens`, tr
 streamer passed to `generate()`, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF) through its
 token generator. Rounds are interleaved (row 1, row 2, ... then again), so load from other processes
 hits every row alike; the table shows the median over rounds and the ratio to transformers measured
-in this same run. Compare ratios, not absolute figures, across machines and runs.
+in this same run. Compare ratios, not absolute figures, across machines and runs. On a machine other
+processes load, `--threads 1 --clock cpu` counts this process's CPU time only (no waiting for a core,
+no thread barrier stalls); the header prints the load average the run saw.
 
 Other rows (quantized lmstack against llama.cpp Q8_0/Q4_1, say) are one function each: append a
 `Row(name, setup)` to `ROWS`, where `setup(ctx)` loads once and returns a callable that decodes and
@@ -19,6 +22,7 @@ Missing optional peers print as "not installed".
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +32,15 @@ import torch
 
 PROMPT = "Write a short paragraph about why the sky is blue."
 
-Decode = Callable[[], list[float]]  # one run: perf_counter() at the arrival of each generated token
+Decode = Callable[[], list[float]]  # one run: now() at the arrival of each generated token
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def now() -> float:
+    """The selected clock: wall time, or this process's CPU time (--clock cpu: with --threads 1 it does
+    not count the time other processes hold the cores, so it stays comparable on a loaded machine)."""
+    return _clock()
 
 
 @dataclass
@@ -54,7 +66,7 @@ def lmstack_decoder(model, ctx: Context) -> Decode:
     params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
 
     def run() -> list[float]:
-        return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+        return [now() for _ in generate_tokens(model, ctx.prompt_ids, params)]
 
     run()  # warm-up
     return run
@@ -92,7 +104,7 @@ def _transformers(ctx: Context) -> Decode | None:
         def put(self, value) -> None:
             self.calls += 1
             if self.calls > 1:  # the first put is the prompt
-                self.times.append(time.perf_counter())
+                self.times.append(now())
 
         def end(self) -> None:
             pass
@@ -132,7 +144,7 @@ def _llama_cpp(ctx: Context) -> Decode | None:
     def run() -> list[float]:
         times = []
         for _ in llm.generate(ctx.prompt_ids, top_k=1, temp=0.0, reset=True):
-            times.append(time.perf_counter())
+            times.append(now())
             if len(times) == ctx.tokens:
                 break
         return times
@@ -159,7 +171,7 @@ def _lmstack_quantized(kind: str) -> Callable[[Context], Decode]:
         params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
 
         def run() -> list[float]:
-            return [time.perf_counter() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+            return [now() for _ in generate_tokens(model, ctx.prompt_ids, params)]
 
         run()  # warm-up (builds the kernels once)
         return run
@@ -214,7 +226,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (with --threads 1)"
+    )
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     from lmstack.hub import load_model
 
@@ -236,7 +253,10 @@ def main() -> None:
             rates[name].append(decode_rate(runner()))
     medians = {name: statistics.median(r) for name, r in rates.items()}
     peer = medians.get(PEER)
-    print(f"\nsingle-stream decode, {args.tokens} tokens, {args.threads} threads, median of {args.rounds} rounds")
+    print(
+        f"\nsingle-stream decode, {args.tokens} tokens, {args.threads} threads, {args.clock} clock, "
+        f"median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'row':34s} {'tok/s':>8s} {'min-max':>13s} {'vs peer':>8s}")
     for name, rate in medians.items():
         ratio = f"{rate / peer:.2f}x" if peer else "-"

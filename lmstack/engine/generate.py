@@ -16,7 +16,7 @@ from lmstack.engine.sampling import SamplingParams, TokenSampler
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
 from lmstack.hub import keep_gguf_packed, load_model
-from lmstack.model.transformer import KVCache, Transformer
+from lmstack.model.transformer import KVCache, Transformer, fuse_for_inference
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils.device import resolve_device, resolve_dtype
 
@@ -114,15 +114,18 @@ def generate_text(
 
 
 def load_for_inference(
-    model_ref: str, device: str = "auto", dtype: str | None = None, gguf_weights: str = "packed"
+    model_ref: str, device: str = "auto", dtype: str | None = None, gguf_weights: str = "packed", fuse: bool = True
 ) -> tuple[Transformer, Tokenizer]:
     """Any model reference, on `device` ("auto": CUDA when present) in `dtype` (None: fp32 on CPU,
     bf16 on CUDA), in eval mode with its tokenizer (a model without one is an error).
     gguf_weights: "packed" runs a GGUF file's quantized blocks as they are (lmstack.compress.gguf_load),
-    "float" dequantizes them at load."""
+    "float" dequantizes them at load. fuse: q/k/v and gate/up fused once for decoding
+    (`fuse_for_inference`: fewer, larger matmuls; bit-equal logits on SmolLM2 fp32); False keeps the Hugging Face
+    modules (adapters, export)."""
     keep_quantized = keep_gguf_packed(gguf_weights)
     dev = resolve_device(device)
     model, tokenizer = load_model(model_ref, device=dev, dtype=resolve_dtype(dtype, dev), keep_quantized=keep_quantized)
     if tokenizer is None:
         raise LmstackError(f"{model_ref} has no tokenizer; save the model with its tokenizer files")
-    return model.eval(), tokenizer
+    model.eval()
+    return (fuse_for_inference(model) if fuse else model), tokenizer

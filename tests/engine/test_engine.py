@@ -135,6 +135,26 @@ def test_fused_projections_give_the_same_logits():
         torch.testing.assert_close(model(idx).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_model_stores_weights_input_major_with_the_same_greedy_tokens():
+    """On CPU `fuse_for_inference` keeps every plain linear's weight input-major (the faster one-token
+    matmul): same values and shapes, greedy tokens unchanged, a tied embedding still looks up its rows."""
+    model = tiny_model()
+    prompts = mixed_prompts()
+    expected = reference(model, prompts)
+    head = model.lm_head.weight.detach().clone()
+    fuse_for_inference(model)
+    for weight in (model.lm_head.weight, model.layers[0].attn.qkv_proj.weight, model.layers[1].ffn.down_proj.weight):
+        assert weight.t().is_contiguous() and not weight.is_contiguous()
+    assert torch.equal(model.lm_head.weight, head)
+    assert reference(model, prompts) == expected
+    tied = tiny_model(tie_embeddings=True)
+    idx = torch.randint(1, 300, (2, 12))
+    expected_logits = tied(idx).logits
+    fuse_for_inference(tied)
+    assert tied.tok_emb.weight is tied.lm_head.weight and tied.lm_head.weight.t().is_contiguous()
+    torch.testing.assert_close(tied(idx).logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_int8_kv_cache_quarter_memory_close_logits():
     """int8 keys/values with per-token, per-head scales: ~4x more blocks per MB, logits close to fp32."""
     model = tiny_model(head_dim=64, n_head=2, n_kv_head=1, d_model=128)

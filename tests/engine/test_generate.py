@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmstack.config import model_config
-from lmstack.engine.generate import generate_text, generate_tokens
+from lmstack.engine.generate import generate_text, generate_tokens, load_for_inference
 from lmstack.engine.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
@@ -120,6 +120,18 @@ def test_cli_generate_prints_only_generated_text(model_and_tokenizer, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
+
+
+def test_load_for_inference_prepares_the_decode_layout_unless_asked_not_to(model_and_tokenizer, tmp_path):
+    """`lmstack generate`/`chat` load through here: q/k/v and gate/up fused, CPU weights input-major."""
+    model, tok = model_and_tokenizer
+    save_model_dir(model, tmp_path / "m", tok)
+    fused, _ = load_for_inference(str(tmp_path / "m"), "cpu")
+    attn, ffn = fused.layers[0].attn, fused.layers[0].ffn
+    assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj") and hasattr(ffn, "gate_up_proj")
+    assert attn.qkv_proj.weight.t().is_contiguous() and fused.lm_head.weight.t().is_contiguous()
+    plain, _ = load_for_inference(str(tmp_path / "m"), "cpu", fuse=False)
+    assert plain.layers[0].attn.q_proj.weight.is_contiguous() and not hasattr(plain.layers[0].attn, "qkv_proj")
 
 
 def test_cli_errors_are_one_line_exit_2(model_and_tokenizer, tmp_path):

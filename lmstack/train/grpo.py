@@ -11,7 +11,8 @@ GRPO (Shao et al. 2024, DeepSeekMath) on the SFT trainer (methods, logging, chec
                 k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative estimator);
                 the mean over a completion's tokens, then over completions
 A rollout is reused for `grpo_iterations` optimizer steps (pi_old is the policy that sampled it; with
-one iteration the ratio is 1 and the clip only shapes the gradient's scale). The reference for the KL
+one iteration pi_old is the policy being stepped, so its log-probs are the forward pass's own, detached:
+the ratio is 1, the clip cannot trigger, and no extra pass runs). The reference for the KL
 is the base model as loaded (a frozen copy) or `ref_model`; kl_coef 0 keeps no reference at all.
 
 Evaluation: greedy answers to held-out prompts through the engine, scored by the same reward functions:
@@ -273,7 +274,7 @@ class _Rollout:
     inputs: torch.Tensor  # (B*G, T) prompt + completion, right-padded
     targets: torch.Tensor  # (B*G, T) completion tokens, -100 elsewhere
     advantages: torch.Tensor  # (B*G,)
-    old_logps: torch.Tensor  # (N,) per completion token, under the policy that sampled
+    old_logps: torch.Tensor | None  # (N,) per completion token under the policy that sampled; None: the current
     ref_logps: torch.Tensor | None
     reward: float  # mean total reward of the rollout
 
@@ -319,7 +320,9 @@ class GRPOTrainer(SFTTrainer):
         return self.engine
 
     @torch.no_grad()
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[str]]:
+    def _generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> tuple[list[list[int]], list[str]]:
         """Completions (token ids incl. the stop token that ended them, and their text) of every prompt."""
         model = unwrap(self.model)
         was_training = model.training
@@ -339,10 +342,19 @@ class GRPOTrainer(SFTTrainer):
         idx = self.batches.indices(step, micro)
         prompt_ids, texts, columns = data["train"].take(idx)
         G = cfg.num_generations
-        seed = (cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.ctx.rank) % 2**31
-        params = SamplingParams(
-            n=G, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed
-        )
+        seed = (cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.ctx.rank) * len(idx) * G
+        # the engine draws the i-th of n completions from seed + i: each prompt gets its own range of seeds,
+        # or every prompt's i-th completion would reuse the same random numbers
+        params = [
+            SamplingParams(
+                n=G,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=(seed + j * G) % 2**31,
+            )
+            for j in range(len(prompt_ids))
+        ]
         completions, completion_texts = self._generate(prompt_ids, params)
         group_prompts = [t for t in texts for _ in range(G)]
         group_columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns.items()}
@@ -359,13 +371,14 @@ class GRPOTrainer(SFTTrainer):
             if c:
                 targets[r, len(p) - 1 : len(seq) - 1] = torch.tensor(c)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
+        old = ref = None
         with torch.no_grad(), self.autocast:
-            old, _ = token_logps(unwrap(self.model), inputs, targets)
-            ref = token_logps(data["reference"], inputs, targets)[0] if data["reference"] is not None else None
+            if cfg.grpo_iterations > 1:  # with one step per rollout pi_old is the policy being stepped
+                old = token_logps(unwrap(self.model), inputs, targets)[0].float()
+            if data["reference"] is not None:
+                ref = token_logps(data["reference"], inputs, targets)[0].float()
         advantages = group_advantages(rewards, G).to(self.device)
-        return _Rollout(
-            inputs, targets, advantages, old.float(), None if ref is None else ref.float(), float(rewards.mean())
-        )
+        return _Rollout(inputs, targets, advantages, old, ref, float(rewards.mean()))
 
     def forward_micro(self, step: int, micro: int) -> _GRPOOutput:
         cfg = self.cfg
@@ -378,9 +391,10 @@ class GRPOTrainer(SFTTrainer):
             self._rollouts = cached
         ro = cached[key]
         logps, rows = token_logps(self.model, ro.inputs, ro.targets)
+        old_logps = ro.old_logps if ro.old_logps is not None else logps.detach().float()  # ratio 1, same gradient
         loss, stats = grpo_loss(
             logps.float(),
-            ro.old_logps,
+            old_logps,
             ro.advantages,
             rows,
             len(ro.advantages),

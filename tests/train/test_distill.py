@@ -122,3 +122,33 @@ def test_cli_distill(untrained_teacher, tmp_path, capsys):
     assert "student held-out loss" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "t"), "--method", "lora"]) == 2
     assert "use --method full" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_the_same_student_on_hard_labels(tmp_path):
+    """Teacher 4 x 128 fine-tuned 120 steps on the demo set's train split (held-out loss ~1.85, not yet
+    memorising: train loss ~1.5); student 2 x 64 from one fixed init, 120 steps on the same rows with the
+    same lr, once on hard labels (alpha 0) and once distilled (alpha 0.5, T 1). Measured: 2.49 vs 2.28."""
+    from lmstack.config import ModelConfig
+    from lmstack.model.io import save_model_dir
+    from lmstack.model.transformer import Transformer
+    from lmstack.tokenizer import train_tokenizer
+    from lmstack.train.sft import finetune, load_sft_config
+
+    lines = INSTRUCTIONS.read_text(encoding="utf-8").splitlines()
+    tokenizer = train_tokenizer(lines * 4, vocab_size=1024)
+    shape = dict(vocab_size=tokenizer.vocab_size, n_head=4, n_kv_head=2)
+    torch.manual_seed(0)
+    save_model_dir(Transformer(ModelConfig(**shape, n_layer=4, d_model=128, d_ff=384)), tmp_path / "t0", tokenizer)
+    torch.manual_seed(1)
+    save_model_dir(Transformer(ModelConfig(**shape, n_layer=2, d_model=64, d_ff=128)), tmp_path / "s0", tokenizer)
+    common = [f"data={INSTRUCTIONS}", "seq_len=128", "batch_size=8", "warmup_steps=10", "lr=3e-3", "max_steps=120"]
+    common += ["eval_every=120", "tensorboard=false", "sample_tokens=0", "peft.method=full"]
+    teacher = finetune(load_sft_config(None, [f"base_model={tmp_path / 't0'}", f"out={tmp_path / 't'}", *common]))
+    runs = {}
+    for name, alpha in (("hard", 0.0), ("distilled", 0.5)):
+        settings = [f"teacher={teacher['checkpoint']}", f"base_model={tmp_path / 's0'}", f"out={tmp_path / name}"]
+        runs[name] = distill(load_distill_config(None, [*settings, f"alpha={alpha}", "temperature=1", *common]))
+    hard, distilled = runs["hard"]["val_loss"], runs["distilled"]["val_loss"]
+    assert runs["distilled"]["teacher_val_loss"] == pytest.approx(teacher["val_loss"], rel=1e-4)
+    assert distilled < hard - 0.1, (distilled, hard, teacher["val_loss"])

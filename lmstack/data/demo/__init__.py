@@ -7,3 +7,4 @@ from pathlib import Path
 INSTRUCTIONS = Path(__file__).with_name("instructions.jsonl")
 PREFERENCES = Path(__file__).with_name("preferences.jsonl")
 ARITHMETIC = Path(__file__).with_name("arithmetic.jsonl")
+ARITHMETIC_EASY = Path(__file__).with_name("arithmetic_easy.jsonl")

@@ -1,6 +1,6 @@
 """Builds the alignment demo data shipped with lmstack (English and Chinese):
 
-    python -m lmstack.data.demo.build_alignment   # rewrites preferences.jsonl and arithmetic.jsonl here
+    python -m lmstack.data.demo.build_alignment   # rewrites preferences.jsonl, arithmetic*.jsonl here
 
 preferences.jsonl  prompt/chosen/rejected pairs for `lmstack align dpo|rm`. The chosen reply is correct
                    and in the instruction set's house style (answer first, one short reason); the
@@ -9,6 +9,9 @@ preferences.jsonl  prompt/chosen/rejected pairs for `lmstack align dpo|rm`. The 
 arithmetic.jsonl   the RL task for `lmstack align grpo`: {"prompt", "answer"} rows of small additions,
                    subtractions and multiplications whose replies must end with "Answer: N";
                    `lmstack.train.rewards` scores exact match on N and the format.
+arithmetic_easy.jsonl  the same task on single-digit additions (all 81, in both languages), where
+                   SmolLM2-135M knows the sums but often buries them in a rambling reply: GRPO's
+                   accuracy gain shows within tens of steps.
 Deterministic: the same files every time.
 """
 
@@ -106,6 +109,18 @@ def build_arithmetic(n: int = 400) -> list[dict]:
     return rows
 
 
+def build_arithmetic_easy() -> list[dict]:
+    """Every single-digit addition (1..9 + 1..9) once in each language, shuffled: 162 problems a 135M model
+    mostly knows, so RL on them teaches the reply (a short "Answer: N") rather than arithmetic."""
+    rows = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            rows.append({"prompt": f"What is {a} + {b}? {ANSWER_FORMAT}", "answer": str(a + b)})
+            rows.append({"prompt": f"{a}加{b}等于多少？请用“Answer: N”的格式回答。", "answer": str(a + b)})
+    random.Random(13).shuffle(rows)
+    return rows
+
+
 def _write(rows: list[dict], name: str) -> None:
     from lmstack.utils.io import atomic_write_text
 
@@ -117,6 +132,7 @@ def _write(rows: list[dict], name: str) -> None:
 def main() -> None:
     _write(build_preferences(), "preferences.jsonl")
     _write(build_arithmetic(), "arithmetic.jsonl")
+    _write(build_arithmetic_easy(), "arithmetic_easy.jsonl")
 
 
 if __name__ == "__main__":

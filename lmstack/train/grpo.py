@@ -132,6 +132,23 @@ def grpo_loss(
     return loss, stats
 
 
+def rollout_params(cfg: GRPOConfig, n_prompts: int, key: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt of a rollout, each with its own range of G seeds: the engine draws the
+    i-th of n completions from seed + i, so one shared seed would give every prompt's i-th completion the
+    same random numbers. `key` numbers the rollout; different keys get disjoint ranges."""
+    G = cfg.num_generations
+    return [
+        SamplingParams(
+            n=G,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=(key * n_prompts * G + j * G) % 2**31,
+        )
+        for j in range(n_prompts)
+    ]
+
+
 # --- data ---------------------------------------------------------------------------------------------
 
 
@@ -342,19 +359,8 @@ class GRPOTrainer(SFTTrainer):
         idx = self.batches.indices(step, micro)
         prompt_ids, texts, columns = data["train"].take(idx)
         G = cfg.num_generations
-        seed = (cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.ctx.rank) * len(idx) * G
-        # the engine draws the i-th of n completions from seed + i: each prompt gets its own range of seeds,
-        # or every prompt's i-th completion would reuse the same random numbers
-        params = [
-            SamplingParams(
-                n=G,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=(seed + j * G) % 2**31,
-            )
-            for j in range(len(prompt_ids))
-        ]
+        key = cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.ctx.rank
+        params = rollout_params(cfg, len(prompt_ids), key)
         completions, completion_texts = self._generate(prompt_ids, params)
         group_prompts = [t for t in texts for _ in range(G)]
         group_columns = {k: [v for v in vals for _ in range(G)] for k, vals in columns.items()}

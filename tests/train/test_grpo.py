@@ -11,7 +11,7 @@ import torch
 
 from lmstack.data.demo import ARITHMETIC
 from lmstack.errors import LmstackError
-from lmstack.train.grpo import group_advantages, grpo, grpo_loss, load_grpo_config
+from lmstack.train.grpo import group_advantages, grpo, grpo_loss, load_grpo_config, rollout_params
 from lmstack.train.rewards import exact_match, extract_answer, format_reward, resolve_reward
 
 
@@ -50,6 +50,16 @@ def test_clipped_objective_and_k3_kl_on_a_fixed_batch():
     new = new.clone().requires_grad_(True)
     grpo_loss(new, old, adv, rows, 2, clip_eps=0.2)[0].backward()
     assert new.grad[0] == 0 and new.grad[2] == 0 and new.grad[1] != 0
+
+
+def test_every_sampled_completion_gets_its_own_seed():
+    # the engine draws the i-th of n completions from seed + i: prompts of one rollout, and rollouts,
+    # must not share seeds, or the i-th completions of different prompts reuse the same random numbers
+    cfg = load_grpo_config(None, ["num_generations=4", "temperature=0.7", "max_new_tokens=5"])
+    seeds = [p.seed + i for key in (7, 8) for p in rollout_params(cfg, 3, key) for i in range(p.n)]
+    assert len(set(seeds)) == len(seeds) == 2 * 3 * 4
+    p = rollout_params(cfg, 3, 7)[0]
+    assert (p.n, p.temperature, p.max_new_tokens) == (4, 0.7, 5)
 
 
 def test_builtin_rewards():

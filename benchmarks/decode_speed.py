@@ -79,6 +79,26 @@ def _lmstack_fp32(ctx: Context) -> Decode:
     return lmstack_decoder(model, ctx)
 
 
+def _lmstack_fp32_row_major(ctx: Context) -> Decode:
+    """The fused fp32 model with its weights put back in PyTorch's (out, in) row-major layout: what
+    `store_input_major` gains (`lmstack_decoder` would fuse, and so re-lay, them again)."""
+    from lmstack.engine.generate import SamplingParams, generate_tokens
+    from lmstack.hub import load_model
+    from lmstack.model.transformer import fuse_for_inference
+
+    model = fuse_for_inference(load_model(ctx.model_ref)[0].eval())
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight.data = module.weight.data.contiguous()
+    params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
+
+    def run() -> list[float]:
+        return [now() for _ in generate_tokens(model, ctx.prompt_ids, params)]
+
+    run()  # warm-up
+    return run
+
+
 def _transformers(ctx: Context) -> Decode | None:
     try:
         import transformers
@@ -204,6 +224,7 @@ def _llama_cpp_export(dtype: str) -> Callable[[Context], Decode | None]:
 ROWS: list[Row] = [
     Row("transformers fp32 generate()", _transformers),
     Row("lmstack fp32", _lmstack_fp32),
+    Row("lmstack fp32 row-major weights", _lmstack_fp32_row_major),
     Row("llama.cpp Q4_1 (GGUF)", _llama_cpp),
     Row("lmstack Q4_1 (same GGUF, packed)", _lmstack_quantized("gguf")),
     Row("llama.cpp Q8_0 (lmstack export)", _llama_cpp_export("q8_0")),

@@ -259,3 +259,16 @@ def test_agent_cli_runs_a_task_and_scores_a_task_set(tiny_chat_model, tmp_path, 
     assert "| without tools |" in table and "| with tools |" in table and "/2 |" in table
     assert main([*base, "--eval", str(tasks), "also a task"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_calculator_schema_makes_constrained_decoding_write_arithmetic():
+    """Under --tool-choice required decoding follows the schema; an empty expression must not be allowed."""
+    import re
+
+    from lmstack.apps.agent.tools import EXPRESSION_SCHEMA
+
+    pattern = re.compile(EXPRESSION_SCHEMA["pattern"])
+    for good in ("1234 * 5678", "(17 + 25) * 3", "sqrt(2) / 2", "-3 ** 2", "2^10"):
+        assert pattern.fullmatch(good) and calculate(good) is not None
+    for bad in ("", " ", "x = 1", "1234 * 5678'; x"):
+        assert not pattern.fullmatch(bad)

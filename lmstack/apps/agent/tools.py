@@ -108,6 +108,16 @@ def _evaluate(node: ast.AST) -> Any:
     raise ToolError(f"unsupported element {ast.dump(node)[:60]!r}: only numbers, arithmetic and math functions")
 
 
+# The pattern matters under `--tool-choice required`: decoding is constrained to the schema, and a plain
+# string lets a small model close the quotes at once (`{"expression": ""}`); starting with a digit, a sign, a
+# parenthesis or a function name makes it write the arithmetic. The evaluator stays the real check.
+EXPRESSION_SCHEMA = {
+    "type": "string",
+    "description": "the arithmetic expression",
+    "pattern": r"^[-(0-9a-z][-+*/%^(). 0-9a-z_,]*$",
+}
+
+
 def calculator_tool() -> Tool:
     def run(args: dict[str, Any]) -> str:
         value = calculate(_string_arg(args, "expression"))
@@ -118,7 +128,7 @@ def calculator_tool() -> Tool:
     return Tool(
         "calculator",
         "Evaluate an arithmetic expression exactly, e.g. '(17 + 25) * 3' or 'sqrt(2) / 2'.",
-        _object({"expression": {"type": "string", "description": "the arithmetic expression"}}, ["expression"]),
+        _object({"expression": EXPRESSION_SCHEMA}, ["expression"]),
         run,
     )
 
@@ -143,7 +153,7 @@ def rag_tool(index_dir: str | Path, k: int = 3) -> Tool:
     return Tool(
         "search_documents",
         f"Search the document index {Path(index_dir).name!r} and return the most relevant passages with sources.",
-        _object({"query": {"type": "string", "description": "what to look for"}}, ["query"]),
+        _object({"query": {"type": "string", "description": "what to look for", "minLength": 1}}, ["query"]),
         run,
     )
 

@@ -15,8 +15,12 @@ MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def smol():
     from lmstack.serve import ServeOptions, build_app, running_server
+    from lmstack.serve.generation import EngineSettings
 
-    app = build_app(ServeOptions(models=[MODEL], ab=[], embedding_model="all-minilm-l6-v2"))
+    # Float weights: the shipped Q4_1 file run as it is (packed, the default, and llama.cpp alike) greedily
+    # answers "What is the capital of France?" with "L'Étoile, la ..."; the dequantized model says Paris.
+    float_weights = EngineSettings(gguf_weights="float")
+    app = build_app(ServeOptions(models=[MODEL], ab=[], embedding_model="all-minilm-l6-v2", engine=float_weights))
     with running_server(app) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 

@@ -68,8 +68,12 @@ def index_latency(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         docs = Path(tmp) / "docs"
         docs.mkdir()
-        for i in range(args.chunks):  # one ~4-sentence paragraph per file: one chunk each
-            (docs / f"doc{i:05d}.txt").write_text(" ".join(pool[4 * i : 4 * i + 4]) or f"document {i}")
+        # One 4-sentence paragraph per file (one chunk each). The docstrings hold ~11k sentences, fewer than
+        # 4 per chunk at 10k chunks, so later files wrap around the pool at shifted offsets: every chunk is
+        # a real paragraph of the same length, none a placeholder.
+        for i in range(args.chunks):
+            picks = [pool[(4 * i + j) % len(pool)] for j in range(4)]
+            (docs / f"doc{i:05d}.txt").write_text(" ".join(picks))
         start = time.perf_counter()
         report = build_index(docs, Path(tmp) / "index", encoder, chunk_tokens=256, overlap=32)
         build = time.perf_counter() - start

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -477,15 +476,7 @@ class MLMTrainer(Trainer):
         return self.cfg.sample_prompt + " -> ", tokenizer.decode(filled)
 
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "tokens": self.step * self.tokens_per_step,
-            "elapsed_s": self.elapsed_before + (time.time() - self.started),
-            "world_size": self.ctx.world_size,
-            "global_batch": self.global_batch,
-            "last": self.last,
-            "config": to_dict(self.cfg),
-        }
+        state = self.checkpoint_state()
         weights = _full_state_dict(self.model, self.ctx.enabled)  # collective under FSDP: every rank gathers
         write = lambda directory: self._write_encoder(directory, weights)
         return ckpt_io.save_checkpoint(self.out, self.model, self.optimizer, state, self.ctx, None, write_model=write)

@@ -416,8 +416,9 @@ class Trainer:
         return [[round(v, 4) for v in row] for row in loads] or None
 
     # -- the loop ----------------------------------------------------------------------------------
-    def save(self) -> Path:
-        state = {
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What every checkpoint records beside the weights and optimizer (subclasses save through this)."""
+        return {
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
             "elapsed_s": self.elapsed_before + (time.time() - self.started),
@@ -426,6 +427,9 @@ class Trainer:
             "last": self.last,
             "config": to_dict(self.cfg),
         }
+
+    def save(self) -> Path:
+        state = self.checkpoint_state()
         return ckpt_io.save_checkpoint(self.out, self.model, self.optimizer, state, self.ctx, self.data.tokenizer_dir)
 
     def run(self) -> dict[str, Any]:

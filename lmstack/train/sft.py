@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -374,15 +373,7 @@ class SFTTrainer(Trainer):
         return question[-1]["content"][:80] + " -> ", tokenizer.decode(new, skip_special_tokens=True)
 
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "tokens": self.step * self.tokens_per_step,
-            "elapsed_s": self.elapsed_before + (time.time() - self.started),
-            "world_size": self.ctx.world_size,
-            "global_batch": self.global_batch,
-            "last": self.last,
-            "config": dataclasses.asdict(self.cfg),
-        }
+        state = self.checkpoint_state()
         return ckpt_io.save_checkpoint(
             self.out, self.model, self.optimizer, state, self.ctx, None, write_model=self._write_model
         )

@@ -12,13 +12,7 @@ from lmstack.data.demo import INSTRUCTIONS
 from lmstack.errors import LmstackError
 from lmstack.train.distill import TEACHER_CACHE, distill, distillation_kl, load_distill_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _softmax(xs: list[float], T: float) -> list[float]:

@@ -14,13 +14,7 @@ from lmstack.errors import LmstackError
 from lmstack.train.grpo import group_advantages, grpo, grpo_loss, load_grpo_config, rollout_params
 from lmstack.train.rewards import exact_match, extract_answer, format_reward, resolve_reward
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def test_group_advantages_normalise_within_each_group():

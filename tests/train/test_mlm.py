@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from tiny_run import interrupt_after, run_losses
 
 from lmstack.errors import LmstackError
 from lmstack.train.mlm import (
@@ -53,11 +53,6 @@ def _cfg(out, data, *extra: str) -> MLMConfig:
     cfg = load_pretrain_config(None, [*SETTINGS, f"data={data}", f"out={out}", *extra])
     assert isinstance(cfg, MLMConfig)
     return cfg
-
-
-def _losses(run) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +109,7 @@ def test_mlm_loss_goes_down_and_output_is_an_encoder(tmp_path, corpus_file):
 
     run = tmp_path / "run"
     summary = pretrain_mlm(_cfg(run, corpus_file, "max_steps=40", "lr=2e-3", "eval_every=20", "encoder.dropout=0"))
-    losses = _losses(run)
+    losses = run_losses(run)
     start, end = losses[1], summary["val_loss"]
     vocab = 30522
     assert start > math.log(vocab) - 0.5  # starts near uniform over the vocabulary
@@ -159,32 +154,17 @@ def test_cli_embed_and_classify_accept_the_output(tmp_path, corpus_file):
     assert json.loads((tmp_path / "cls" / "metrics.json").read_text())["labels"] == ["neg", "pos"]
 
 
-def _interrupt_after(monkeypatch, stop_step: int) -> None:
-    """A real SIGINT right after optimizer step `stop_step` (the trainer saves that step, then re-raises)."""
-    from lmstack.train.pretrain import Trainer
-
-    original = Trainer.train_step
-
-    def step_then_signal(self):
-        result = original(self)
-        if self.step == stop_step:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-
-
 def test_resumed_mlm_run_matches_straight_run(tmp_path, corpus_file, monkeypatch):
     extra = ("max_steps=6", "eval_every=3", "encoder.dropout=0.1", "grad_accum=2")
     straight = pretrain_mlm(_cfg(tmp_path / "straight", corpus_file, *extra))
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 3)
+        interrupt_after(patch, 3)
         with pytest.raises(KeyboardInterrupt):
             pretrain_mlm(_cfg(tmp_path / "split", corpus_file, *extra))
     assert json.loads((tmp_path / "split/checkpoint/trainer_state.json").read_text())["step"] == 3
     resumed = pretrain_mlm(_cfg(tmp_path / "split", corpus_file, *extra), resume=True)
     assert resumed["steps"] == straight["steps"] == 6
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")
+    assert run_losses(tmp_path / "straight") == run_losses(tmp_path / "split")
     assert resumed["val_loss"] == straight["val_loss"]
     assert resumed["val_masked_accuracy"] == straight["val_masked_accuracy"]
     from safetensors.torch import load_file
@@ -201,7 +181,7 @@ def test_step_does_not_depend_on_how_the_batch_is_split(tmp_path, corpus_file):
     extra = ("max_steps=3", "eval_every=3", "encoder.dropout=0")
     whole = pretrain_mlm(_cfg(tmp_path / "whole", corpus_file, *extra))
     split = pretrain_mlm(_cfg(tmp_path / "accum", corpus_file, *extra, "batch_size=4", "grad_accum=2"))
-    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "accum")
+    a, b = run_losses(tmp_path / "whole"), run_losses(tmp_path / "accum")
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
     assert whole["train_loss"] == pytest.approx(split["train_loss"], abs=1e-5)
 
@@ -218,7 +198,7 @@ def test_two_processes_match_one(tmp_path, corpus_file, parallel):
         cmd += ["--set", item]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = run_losses(tmp_path / "one"), run_losses(tmp_path / "two")
     assert one.keys() == two.keys() and all(one[k] == pytest.approx(two[k], abs=1e-4) for k in one)
     evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     one_evals = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from tiny_run import TINY_MODEL, tiny_config
+from tiny_run import TINY_MODEL, interrupt_after, run_losses, tiny_config
 
 from lmstack.config import TrainConfig
 from lmstack.errors import LmstackError
@@ -42,31 +42,11 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _losses(run) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def _interrupt_after(monkeypatch, stop_step: int) -> None:
-    """Deliver a real SIGINT to this process right after optimizer step `stop_step`."""
-    from lmstack.train.pretrain import Trainer
-
-    original = Trainer.train_step
-
-    def step_then_signal(self):
-        result = original(self)
-        if self.step == stop_step:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-
-
 @pytest.mark.parametrize("extra", [[], ["grad_accum=2", "model.dropout=0.1"]], ids=["plain", "accum2-dropout"])
 def test_resumed_run_matches_straight_run(tmp_path, token_data_dir, extra, monkeypatch):
     straight = pretrain(_cfg(tmp_path / "straight", token_data_dir, *extra))
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 4)
+        interrupt_after(patch, 4)
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the checkpoint of step 4 is saved, then re-raised
             pretrain(_cfg(tmp_path / "split", token_data_dir, *extra))
     assert json.loads((tmp_path / "split/checkpoint/trainer_state.json").read_text())["step"] == 4
@@ -76,7 +56,7 @@ def test_resumed_run_matches_straight_run(tmp_path, token_data_dir, extra, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["train_loss"] == straight["train_loss"]
     assert resumed["val_loss"] == straight["val_loss"]
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "split")  # the log continues, no duplicates
+    assert run_losses(tmp_path / "straight") == run_losses(tmp_path / "split")  # the log continues, no duplicates
     opt_a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
     opt_b = torch.load(tmp_path / "split/checkpoint/optimizer.pt", weights_only=True)
     assert all(

@@ -1,8 +1,7 @@
 """Fused dequantize-GEMV/GEMM kernels for Int8Linear / Int4Linear (and the GGUF Q8_0/Q4_0/Q4_1 they load).
 
-The C++ sources in `csrc/` are built just in time by `torch.utils.cpp_extension.load` the first time a
-quantized layer runs on the CPU (~1 minute once; cached under ~/.cache/lmstack/kernels, keyed by a hash
-of the sources and the torch version). What they compute, for y = x @ W^T + bias:
+The C++ sources in `csrc/` are built just in time (`lmstack.utils.cpp_ext.build`) the first time a
+quantized layer runs on the CPU (~1 minute once, then cached). What they compute, for y = x @ W^T + bias:
 
   1. activations are quantized per 32 values like llama.cpp's Q8_0 (d = absmax / 127, q = round(x / d));
   2. each packed weight row is read once, front to back, and every 32-column block becomes one integer
@@ -20,14 +19,13 @@ arithmetic that the tests compare them with.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.utils.cpp_ext import build
 
 ENV = "LMSTACK_KERNELS"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
@@ -36,40 +34,12 @@ SOURCES = ("qkernels_bind.cpp", "qkernels_scalar.cpp", "qkernels_avx2.cpp", "qke
 BLOCK = 32
 
 
-def _cache_dir(digest: str) -> Path:
-    root = os.environ.get("LMSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "lmstack" / "kernels"
-    return Path(root) / digest
-
-
 @functools.cache
 def extension():
     """The compiled kernel module, or None (with one warning) where it cannot be built."""
-    from torch.utils import cpp_extension
-
-    files = [CSRC / name for name in SOURCES]
-    digest = hashlib.sha256()
-    for path in [*files, CSRC / "qkernels.h", CSRC / "qkernels_x86.inc"]:
-        digest.update(path.read_bytes())
-    digest.update(torch.__version__.encode())
-    key = digest.hexdigest()[:16]
-    build = _cache_dir(key)
-    build.mkdir(parents=True, exist_ok=True)
-    try:
-        return cpp_extension.load(
-            name=f"lmstack_qkernels_{key}",
-            sources=[str(f) for f in files],
-            extra_cflags=["-O3", "-fno-math-errno"],
-            build_directory=str(build),
-            verbose=False,
-        )
-    except (OSError, RuntimeError, ImportError, Exception) as exc:  # noqa: BLE001 - any build failure falls back
-        warnings.warn(
-            f"lmstack: the quantized CPU kernels could not be built ({type(exc).__name__}: {str(exc)[:200]}); "
-            "quantized layers run through plain PyTorch instead (correct, much slower). Install a C++ compiler "
-            "(g++ or clang) and ninja for the fast path.",
-            stacklevel=2,
-        )
-        return None
+    return build(
+        "lmstack_qkernels", CSRC, list(SOURCES), ["qkernels.h", "qkernels_x86.inc"], "the quantized CPU kernels"
+    )
 
 
 def available_isas() -> list[str]:

@@ -73,7 +73,7 @@ def selected_isa() -> int | None:
 def kernel_for(x: torch.Tensor, in_features: int, group_size: int) -> int | None:
     """The ISA code to run this call with, or None when the fused kernel cannot run it (not on the CPU,
     autograd through the input, shapes not in whole 32-column blocks, or the torch path chosen)."""
-    if x.device.type != "cpu" or in_features % BLOCK or group_size % BLOCK:
+    if not x.is_cpu or in_features % BLOCK or group_size % BLOCK:
         return None
     if x.requires_grad and torch.is_grad_enabled():
         return None
@@ -90,17 +90,14 @@ def qlinear(
     bias: torch.Tensor | None,
     isa: int,
 ) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ dequant(W)^T + bias through the fused kernel (`ISAS` code), in x's dtype."""
-    ext = extension()
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+    """y (..., N) = x (..., K) @ dequant(W)^T + bias through the fused kernel (`ISAS` code), in x's dtype
+    (the kernel takes contiguous fp32 of any leading shape as it is; anything else is converted)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        y = qlinear(x.float().contiguous(), qweight, scales, mins, bits, group_size, bias, isa)
+        return y.to(x.dtype)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = ext.qlinear(x2, qweight, scales, mins, bias, bits, group_size, isa)
-    y = y.view(*lead, y.shape[-1])
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return extension().qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

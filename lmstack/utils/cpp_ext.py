@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+# -fopenmp: `at::parallel_for` in a header is an OpenMP loop; compiled without it, it silently runs on one
+# thread. Linking resolves to the libgomp.so.1 torch already loaded (same soname), so there is one pool.
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+
 
 def cache_dir(digest: str) -> Path:
     root = os.environ.get("LMSTACK_KERNEL_CACHE") or Path.home() / ".cache" / "lmstack" / "kernels"
@@ -33,6 +37,7 @@ def build(name: str, csrc: Path, sources: list[str], headers: list[str], what: s
     for path in [*files, *(csrc / header for header in headers)]:
         digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
+    digest.update(" ".join(FLAGS).encode())
     key = digest.hexdigest()[:16]
     directory = cache_dir(key)
     directory.mkdir(parents=True, exist_ok=True)
@@ -40,7 +45,8 @@ def build(name: str, csrc: Path, sources: list[str], headers: list[str], what: s
         return cpp_extension.load(
             name=f"{name}_{key}",
             sources=[str(f) for f in files],
-            extra_cflags=["-O3", "-fno-math-errno"],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=False,
         )

@@ -14,7 +14,7 @@ from lmstack.errors import LmstackError
 PATHS = kernels.available_isas()
 # (batch rows M, in K, out N): odd N and M, K an odd number of 32-blocks, and M spanning the 4-row tiles
 # and the 64-row activation tiles of the GEMM path.
-SHAPES = [(1, 32, 1), (1, 96, 37), (3, 160, 19), (5, 576, 67), (66, 64, 5)]
+SHAPES = [(1, 32, 1), (1, 96, 37), (2, 128, 9), (3, 160, 19), (5, 576, 67), (16, 96, 11), (66, 64, 5)]
 
 
 def _modules(k: int, n: int) -> dict[str, nn.Module]:

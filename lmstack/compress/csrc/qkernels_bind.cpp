@@ -57,9 +57,9 @@ void pick(int64_t isa, QuantizeFn* quantize, GemmFn* gemm) {
 torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
                       const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
                       int64_t bits, int64_t group, int64_t isa) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 && x.is_contiguous(), "x must be contiguous fp32 (..., K)");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = w.size(0);
   TORCH_CHECK(K % 32 == 0 && group % 32 == 0 && K % group == 0, "K and the group size must be multiples of 32");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(1) == (bits == 8 ? K : K / 2), "packed weight shape");
   TORCH_CHECK(w.element_size() == 1, "packed weight must be int8/uint8");
@@ -82,14 +82,20 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   GemmFn gemm;
   pick(isa, &quantize, &gemm);
 
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto xd = torch::empty({M, K / 32}, x.options());
-  auto xg = torch::empty({M, K / group}, x.options());
-  auto y = torch::empty({M, N}, x.options());
+  // The quantized activations live in per-thread scratch that only grows: a decode step makes ~120 calls,
+  // and three allocations each would cost more than the quantization itself.
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xg;
+  if (xq.size() < static_cast<size_t>(M * K)) xq.resize(M * K);
+  if (xd.size() < static_cast<size_t>(M * (K / 32))) xd.resize(M * (K / 32));
+  if (xg.size() < static_cast<size_t>(M * (K / group))) xg.resize(M * (K / group));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
   const float* x_ptr = x.data_ptr<float>();
-  int8_t* xq_ptr = xq.data_ptr<int8_t>();
-  float* xd_ptr = xd.data_ptr<float>();
-  float* xg_ptr = xg.data_ptr<float>();
+  int8_t* xq_ptr = xq.data();
+  float* xd_ptr = xd.data();
+  float* xg_ptr = xg.data();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     quantize(x_ptr, K, group, begin, end, xq_ptr, xd_ptr, xg_ptr);
   });

@@ -16,11 +16,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lmstack.config import ModelConfig
+from lmstack.engine.paged_attention import kernel_enabled, paged_attention
 
 BlockKey = tuple[int, tuple[int, ...]]  # (parent block's chain hash, this block's token ids)
+KERNEL_MAX_T = 1 << 30  # steps of at most this many columns attend through the C++ kernel
 
 
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -146,39 +149,65 @@ class PagedKVCache:
         self.k_scale = [torch.ones(scale_shape, device=device) for _ in range(cfg.n_layer)] if quantized else None
         self.v_scale = [torch.ones(scale_shape, device=device) for _ in range(cfg.n_layer)] if quantized else None
         self.num_blocks, self.block_size, self.device, self.dtype = num_blocks, block_size, device, dtype
-        self._layout: tuple[Tensor, int, Tensor] | None = None
+        self.gqa = cfg.n_kv_head != cfg.n_head
+        self.kernel = kernel_enabled(device, dtype)  # the C++ paged attention, else gather + SDPA
+        self._layout: tuple[Tensor, int, None] | None = None
 
     def prepare(self, rows: list[RowSpec], T: int) -> None:
         """Lay out the next forward: row b holds `rows[b].new` tokens right-aligned in T columns
         (left padding), continuing after `rows[b].past` stored tokens."""
-        bs = self.block_size
+        self._use_kernel = self.kernel and T <= KERNEL_MAX_T
         lengths = [r.past + r.new for r in rows]
-        L = max(lengths)
-        positions = torch.zeros(len(rows), T, dtype=torch.long)
-        gather = torch.zeros(len(rows), L, dtype=torch.long)
+        past = torch.tensor([r.past for r in rows])
+        new = torch.tensor([r.new for r in rows])
+        column = torch.arange(T)[None, :]
+        pad = (T - new)[:, None]
+        # Query at position p sees keys 0..p of its own row; padding columns get position 0.
+        positions = torch.where(column >= pad, past[:, None] + column - pad, 0)  # (B, T)
+        self._shape = (len(rows), T, max(lengths))
+        self._layout = (positions.to(self.device), max(lengths) - 1, None)
+        if self._use_kernel:
+            width = max(len(r.block_table) for r in rows)
+            tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
+            self._tables = torch.tensor(tables, dtype=torch.int32)
+            self._past, self._new = past, new
+        else:
+            self._prepare_gather(rows, T, positions)
+
+    def _prepare_gather(self, rows: list[RowSpec], T: int, positions: Tensor) -> None:
+        """Slots to write this step's tokens to, slots to gather every row's keys from, and the mask."""
+        bs, (B, _, L) = self.block_size, self._shape
+        gather = torch.zeros(B, L, dtype=torch.long)
         write_slots, write_index = [], []
         for b, row in enumerate(rows):
             table = torch.tensor(row.block_table, dtype=torch.long)
             pos = torch.arange(row.past + row.new)
             slots = table[pos // bs] * bs + pos % bs  # slot of every position of this sequence
             gather[b, : len(pos)] = slots
-            pad = T - row.new
-            positions[b, pad:] = pos[row.past :]
             write_slots.append(slots[row.past :])
-            write_index.append(torch.arange(b * T + pad, (b + 1) * T))
-        # Query at position p sees keys 0..p of its own row; padding queries (position 0) see key 0.
+            write_index.append(torch.arange(b * T + T - row.new, (b + 1) * T))
         mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (B, T, L)
         device = self.device
         self._write_slots = torch.cat(write_slots).to(device)
         self._write_index = torch.cat(write_index).to(device)
-        self._padded = sum(r.new for r in rows) != len(rows) * T
+        self._padded = sum(r.new for r in rows) != B * T
         self._gather = gather.view(-1).to(device)
-        self._shape = (len(rows), T, L)
-        self._layout = (positions.to(device), max(lengths) - 1, mask[:, None].to(device))
+        self._mask = mask[:, None].to(device)
 
-    def layout(self, T: int, device) -> tuple[Tensor, int, Tensor]:
+    def layout(self, T: int, device) -> tuple[Tensor, int, None]:
+        """Positions for RoPE; no mask, as `attend` masks by itself."""
         assert self._layout is not None and self._shape[1] == T, "PagedKVCache.prepare() must describe this step"
         return self._layout
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store this step's k, v (B, n_kv_head, T, head_dim) and return causal attention y (B, n_head, T,
+        head_dim) of q (B, n_head, T, head_dim) over each row's own keys (docs/architecture.md, Seam 2)."""
+        if self._use_kernel:
+            scales = None if self.k_scale is None else (self.k_scale[layer], self.v_scale[layer])
+            pools = (self.k[layer], self.v[layer])
+            return paged_attention(q, k, v, pools, scales, self._tables, self._past, self._new, self.block_size)
+        k_all, v_all = self.update(layer, k, v)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask, enable_gqa=self.gqa)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, n_kv, T, hd = k.shape

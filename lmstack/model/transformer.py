@@ -211,10 +211,13 @@ class Attention(nn.Module):
             v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
+        attend = getattr(cache, "attend", None)  # an inference cache may own attention (engine's paged kernel)
+        if cache is not None and attend is None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, L, head_dim), L = past + T
         dropout = cfg.dropout if self.training else 0.0
-        if mask is None:
+        if attend is not None:
+            y = attend(self.layer, q, k, v)  # (B, n_head, T, head_dim): stores k/v, attends each row causally
+        elif mask is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=cfg.n_kv_head != cfg.n_head
             )

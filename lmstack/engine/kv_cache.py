@@ -6,8 +6,11 @@ Two halves, kept apart so a KV block store can later move to another process:
   block that holds those keys/values. Full blocks are immutable, so sequences share them freely;
   a freed block keeps its contents and stays findable until it is reused (LRU).
 - `PagedKVCache` (tensors): per layer, keys and values for `num_blocks * block_size` token slots.
-  It implements the model's cache protocol (`layout`, `update`, `advance`) for a ragged batch: each
-  row is one sequence with its own length and block table, new tokens left-padded to a common T.
+  It implements the model's cache protocol (`layout`, `advance`, and `attend`, which owns the whole
+  attention) for a ragged batch: each row is one sequence with its own length and block table, new
+  tokens left-padded to a common T. On the CPU in fp32, `attend` runs the C++ kernel of
+  `engine/paged_attention.py`, which reads keys/values through the block tables in place; elsewhere it
+  gathers each row's keys/values (`update`) and runs SDPA with a (B, 1, T, L) mask.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from lmstack.config import ModelConfig
 from lmstack.engine.paged_attention import kernel_enabled, paged_attention
 
 BlockKey = tuple[int, tuple[int, ...]]  # (parent block's chain hash, this block's token ids)
-KERNEL_MAX_T = 1 << 30  # steps of at most this many columns attend through the C++ kernel
 
 
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -134,7 +136,7 @@ class PagedKVCache:
     """Keys/values of all sequences in one slot pool per layer: (num_blocks * block_size, n_kv_head, head_dim).
 
     `quantized=True` stores int8 values with one scale per token and head (absmax / 127), about a
-    quarter of fp32's bytes; keys/values are dequantized as they are gathered for attention.
+    quarter of fp32's bytes; keys/values are dequantized as attention reads them.
     """
 
     def __init__(
@@ -156,7 +158,6 @@ class PagedKVCache:
     def prepare(self, rows: list[RowSpec], T: int) -> None:
         """Lay out the next forward: row b holds `rows[b].new` tokens right-aligned in T columns
         (left padding), continuing after `rows[b].past` stored tokens."""
-        self._use_kernel = self.kernel and T <= KERNEL_MAX_T
         lengths = [r.past + r.new for r in rows]
         past = torch.tensor([r.past for r in rows])
         new = torch.tensor([r.new for r in rows])
@@ -166,7 +167,7 @@ class PagedKVCache:
         positions = torch.where(column >= pad, past[:, None] + column - pad, 0)  # (B, T)
         self._shape = (len(rows), T, max(lengths))
         self._layout = (positions.to(self.device), max(lengths) - 1, None)
-        if self._use_kernel:
+        if self.kernel:
             width = max(len(r.block_table) for r in rows)
             tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
             self._tables = torch.tensor(tables, dtype=torch.int32)
@@ -202,7 +203,7 @@ class PagedKVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v (B, n_kv_head, T, head_dim) and return causal attention y (B, n_head, T,
         head_dim) of q (B, n_head, T, head_dim) over each row's own keys (docs/architecture.md, Seam 2)."""
-        if self._use_kernel:
+        if self.kernel:
             scales = None if self.k_scale is None else (self.k_scale[layer], self.v_scale[layer])
             pools = (self.k[layer], self.v[layer])
             return paged_attention(q, k, v, pools, scales, self._tables, self._past, self._new, self.block_size)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError
+from lmstack.model import cpu_ops
 from lmstack.model.moe import MoEFeedForward
 
 
@@ -31,7 +32,10 @@ class Cache(Protocol):
     """What attention needs from a KV cache (docs/architecture.md, Seam 2).
 
     `KVCache` below keeps one length for the whole batch; the engine's `PagedKVCache` gives every
-    row its own length and block table. Both go through the same `Attention`.
+    row its own length and block table. Both go through the same `Attention`. An inference cache may
+    also offer `attend(layer, q, k, v) -> y (B, n_head, T, head_dim)`; `Attention` then hands it the
+    whole step (store k/v and attend) instead of `update` + SDPA, and `layout`'s mask goes unused:
+    `PagedKVCache` does, to read keys where they lie in its block pool.
     """
 
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
@@ -111,6 +115,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        y = cpu_ops.rms_norm(x, self.weight, self.eps)  # one fused pass for CPU fp32 inference, else None
+        if y is not None:
+            return y
         # Computed in fp32 like the reference LLaMA, then cast back (matters under bf16 autocast).
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
@@ -143,6 +150,9 @@ def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     take about half the time (the sign goes onto the small table, not the activations; the
     `Transformer` keeps the signed table, so no step re-signs it).
     """
+    y = cpu_ops.rope(x, cos, signed_sin)  # one fused pass for CPU fp32 inference (a contiguous copy), else None
+    if y is not None:
+        return y
     half = x.shape[-1] // 2
     x32 = x.float()
     return (x32 * cos + x32.roll(half, dims=-1) * signed_sin).to(x.dtype)
@@ -155,7 +165,8 @@ class Attention(nn.Module):
     wrapped by an adapter; `fuse_for_inference` may add a fused `qkv_proj`). RoPE is applied to q and k
     (llama family) from tables the `Transformer` passes in; with a `Cache` the step's keys/values are
     stored and attention reads everything the cache returns (Seam 2). The kernel is
-    `F.scaled_dot_product_attention`: `is_causal` when no mask is needed, else the given bool mask.
+    `F.scaled_dot_product_attention`: `is_causal` when no mask is needed, else the given bool mask; or
+    the cache's own `attend` when it has one (the engine's paged kernel).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -186,8 +197,13 @@ class Attention(nn.Module):
     def _fused_qkv_heads(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """Split a fused q/k/v output (B, T, (n_head + 2 n_kv_head) * head_dim) into heads; RoPE runs once
         over q and k together (they are adjacent heads), one set of element-wise ops per decode step
-        instead of two, with the same values (RoPE is per head and position)."""
+        instead of two, with the same values (RoPE is per head and position). On the CPU without autograd
+        one fused op writes q, k (RoPE applied) and v contiguous instead."""
         cfg = self.cfg
+        if rope is not None:
+            fused = cpu_ops.rope_qkv(qkv, *rope, cfg.n_head, cfg.n_kv_head)
+            if fused is not None:
+                return fused
         B, T, _ = qkv.shape
         heads = qkv.view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
         qk, v = heads.split([cfg.n_head + cfg.n_kv_head, cfg.n_kv_head], dim=1)
@@ -245,8 +261,12 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate_up_proj = getattr(self, "gate_up_proj", None)  # set by fuse_for_inference
         if gate_up_proj is not None:
-            gate, up = gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate_up = gate_up_proj(x)
+            hidden = cpu_ops.silu_mul(gate_up)  # one fused pass for CPU fp32 inference, else None
+            if hidden is None:
+                gate, up = gate_up.chunk(2, dim=-1)
+                hidden = F.silu(gate) * up
+            return self.down_proj(hidden)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
@@ -262,12 +282,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope, mask, cache) -> tuple[Tensor, Tensor | None]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        x = x + self._residual_dropout(self.attn(self.attn_norm(x), rope, mask, cache))
         h = self.ffn(self.ffn_norm(x))
         aux = None
         if isinstance(h, tuple):  # MoE returns (output, load-balancing loss)
             h, aux = h
-        return x + self.dropout(h), aux
+        return x + self._residual_dropout(h), aux
+
+    def _residual_dropout(self, h: Tensor) -> Tensor:
+        # nn.Dropout is the identity outside training; skipping its module call saves ~2.6 us a call, 60 a
+        # decode token of SmolLM2 (docs/engine.md, "Fused CPU ops").
+        return self.dropout(h) if self.training else h
 
 
 class Transformer(nn.Module):

@@ -109,7 +109,7 @@ def run_step(monkeypatch, path: str, group: int, head_dim: int, quantized: bool)
     cache = filled_cache(cfg, tables, quantized)
     q, k, v, T = step_inputs(cfg)
     cache.prepare([RowSpec(t, p, n) for t, (p, n) in zip(tables, ROWS, strict=True)], T)
-    assert cache._use_kernel == (path != "torch")
+    assert cache.kernel == (path != "torch")
     y = cache.attend(0, q, k, v)
     assert y.shape == q.shape
     return cache, y

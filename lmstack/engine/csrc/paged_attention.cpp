@@ -13,6 +13,7 @@
 // The arithmetic kernels (dot products, exp, weighted sums) exist as portable C++ and as AVX2+FMA
 // (compiled with a target attribute, chosen at run time), so the build needs no -march flag.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -44,6 +45,8 @@ struct Ops {
   float (*exp_sum)(float* s, int64_t n, float m);
   // acc += sum_j w[j] * rows[j]
   void (*accumulate)(float* acc, const float* w, const float* const* rows, int64_t n, int64_t hd);
+  // dst = src * scale (an int8 pool row back to fp32)
+  void (*dequantize)(const int8_t* src, float scale, int64_t hd, float* dst);
 };
 
 void scores_scalar(const float* q, const float* const* rows, int64_t n, int64_t hd, float* out) {
@@ -72,7 +75,11 @@ void accumulate_scalar(float* acc, const float* w, const float* const* rows, int
   }
 }
 
-constexpr Ops kScalarOps{scores_scalar, exp_sum_scalar, accumulate_scalar};
+void dequantize_scalar(const int8_t* src, float scale, int64_t hd, float* dst) {
+  for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+}
+
+constexpr Ops kScalarOps{scores_scalar, exp_sum_scalar, accumulate_scalar, dequantize_scalar};
 
 #ifdef LMPA_X86
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -101,10 +108,28 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
 }
 
-// head_dim is a multiple of 8 on this path (checked by the caller).
+// Eight sums of eight lanes each, in one vector: out[i] = sum of a[i].
+__attribute__((target("avx2,fma"))) inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// head_dim is a multiple of 8 on this path (checked by the caller). Eight keys at a time: eight
+// independent FMA chains hide the FMA latency, and each load of q serves eight keys.
 __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, const float* const* rows, int64_t n,
                                                      int64_t hd, float* out) {
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j + i] + d), a[i]);
+    }
+    _mm256_storeu_ps(out + j, hsum8x8(a));
+  }
+  for (; j < n; ++j) {
     const float* k = rows[j];
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t d = 0;
@@ -140,34 +165,39 @@ __attribute__((target("avx2,fma"))) float exp_sum_avx2(float* s, int64_t n, floa
   return total;
 }
 
-// Four accumulator registers (32 floats of the output) stay in registers across the chunk's rows.
+// acc[d0 .. d0 + 8 R) += sum_j w[j] * rows[j][d0 ..]: R accumulator registers stay in registers across
+// the chunk's rows (R = 8 covers head_dim 64 in one pass).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void accumulate_avx2_block(float* acc, const float* w,
+                                                                      const float* const* rows, int64_t n,
+                                                                      int64_t d0) {
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(acc + d0 + 8 * r);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_set1_ps(w[j]);
+    const float* v = rows[j] + d0;
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8 * r), a[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + d0 + 8 * r, a[r]);
+}
+
 __attribute__((target("avx2,fma"))) void accumulate_avx2(float* acc, const float* w, const float* const* rows,
                                                          int64_t n, int64_t hd) {
   int64_t d = 0;
-  for (; d + 32 <= hd; d += 32) {
-    __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
-    __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 wj = _mm256_set1_ps(w[j]);
-      const float* v = rows[j] + d;
-      a0 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v), a0);
-      a1 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8), a1);
-      a2 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 16), a2);
-      a3 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 24), a3);
-    }
-    _mm256_storeu_ps(acc + d, a0);
-    _mm256_storeu_ps(acc + d + 8, a1);
-    _mm256_storeu_ps(acc + d + 16, a2);
-    _mm256_storeu_ps(acc + d + 24, a3);
-  }
-  for (; d < hd; d += 8) {
-    __m256 a = _mm256_loadu_ps(acc + d);
-    for (int64_t j = 0; j < n; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows[j] + d), a);
-    _mm256_storeu_ps(acc + d, a);
+  for (; d + 64 <= hd; d += 64) accumulate_avx2_block<8>(acc, w, rows, n, d);
+  for (; d + 32 <= hd; d += 32) accumulate_avx2_block<4>(acc, w, rows, n, d);
+  for (; d < hd; d += 8) accumulate_avx2_block<1>(acc, w, rows, n, d);
+}
+
+__attribute__((target("avx2,fma"))) void dequantize_avx2(const int8_t* src, float scale, int64_t hd, float* dst) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vs));
   }
 }
 
-constexpr Ops kAvx2Ops{scores_avx2, exp_sum_avx2, accumulate_avx2};
+constexpr Ops kAvx2Ops{scores_avx2, exp_sum_avx2, accumulate_avx2, dequantize_avx2};
 #endif
 
 bool isa_supported(int64_t isa) {
@@ -237,8 +267,8 @@ void store_row(const Step& st, int64_t b, int64_t h) {
 }
 
 // Row pointers for the chunk's slots; int8 rows are dequantized into `deq` (n rows of hd floats).
-void chunk_rows(const Step& st, const void* pool, const float* scales, const int64_t* slots, int64_t n, int64_t h,
-                float* deq, const float** rows) {
+void chunk_rows(const Step& st, const Ops& ops, const void* pool, const float* scales, const int64_t* slots,
+                int64_t n, int64_t h, float* deq, const float** rows) {
   const int64_t hd = st.hd;
   if (scales == nullptr) {
     for (int64_t j = 0; j < n; ++j) rows[j] = static_cast<const float*>(pool) + (slots[j] * st.n_kv + h) * hd;
@@ -246,10 +276,8 @@ void chunk_rows(const Step& st, const void* pool, const float* scales, const int
   }
   for (int64_t j = 0; j < n; ++j) {
     const int8_t* src = static_cast<const int8_t*>(pool) + (slots[j] * st.n_kv + h) * hd;
-    const float scale = scales[slots[j] * st.n_kv + h];
-    float* dst = deq + j * hd;
-    for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(src[d]) * scale;
-    rows[j] = dst;
+    ops.dequantize(src, scales[slots[j] * st.n_kv + h], hd, deq + j * hd);
+    rows[j] = deq + j * hd;
   }
 }
 
@@ -278,8 +306,8 @@ void attend_task(const Step& st, const Ops& ops, int64_t b, int64_t h, Scratch& 
     const int64_t cn = std::min(kChunk, L - c0);
     for (int64_t j = 0; j < cn; ++j) slots[j] = st.slot(b, c0 + j);
     float* deq = sc.deq.data();
-    chunk_rows(st, st.k_pool, st.k_scale, slots, cn, h, deq, sc.krows.data());
-    chunk_rows(st, st.v_pool, st.v_scale, slots, cn, h, deq + kChunk * hd, sc.vrows.data());
+    chunk_rows(st, ops, st.k_pool, st.k_scale, slots, cn, h, deq, sc.krows.data());
+    chunk_rows(st, ops, st.v_pool, st.v_scale, slots, cn, h, deq + kChunk * hd, sc.vrows.data());
     // Token i / G sits at position past + i / G and sees keys up to it: earlier tokens see fewer.
     for (int64_t i = std::max<int64_t>(0, c0 - past) * G; i < nq; ++i) {
       const int64_t visible = std::min(cn, past + i / G - c0 + 1);
@@ -318,6 +346,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
                               torch::Tensor k_pool, torch::Tensor v_pool, const c10::optional<torch::Tensor>& k_scale,
                               const c10::optional<torch::Tensor>& v_scale, const torch::Tensor& tables,
                               const torch::Tensor& past, const torch::Tensor& fresh, int64_t block_size, int64_t isa) {
+  RECORD_FUNCTION("lmstack::paged_attention", std::vector<c10::IValue>());  // named in torch.profiler tables
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d (B, heads, T, head_dim)");
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->stride(3) == 1 && t->device().is_cpu(),
@@ -394,13 +423,14 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
           table_data,
           past_data,
           fresh_data};
-  // Tasks run kv-head-major (task = h * B + b): each thread's contiguous share then mixes long and short
-  // rows alike, and a row's writes and reads of one kv head stay inside one task (no races).
+  // Tasks run row-major (task = b * n_kv + h): a row's kv heads, which share the slots' cache lines, run
+  // back to back on one thread (7.4 vs 8.2 ms for a 16-row decode step's 30 layers, 1 thread, than
+  // kv-head-major), and a row's writes and reads of one kv head stay inside one task (no races).
   const int64_t tasks = B * n_kv;
   const int64_t grain = work < kSerialWork ? tasks : 1;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
-    for (int64_t task = begin; task < end; ++task) attend_task(st, ops, task % B, task / B, scratch);
+    for (int64_t task = begin; task < end; ++task) attend_task(st, ops, task / n_kv, task % n_kv, scratch);
   });
   return y;
 }

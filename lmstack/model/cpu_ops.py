@@ -1,0 +1,90 @@
+"""Fused CPU ops for inference: RMSNorm, RoPE over the fused q/k/v heads, SiLU(gate) * up.
+
+One decode token of a small model runs every element-wise op on a few hundred values, so on the CPU
+PyTorch's fixed cost per op (dispatch, allocation, and the five or six kernels of a composite such as
+`F.rms_norm`) is most of their time: before these ops, 61 RMSNorms and 30 RoPEs cost about 2 ms of a
+SmolLM2-135M token. The C++ in `csrc/cpu_ops.cpp` (built just in time by `lmstack.utils.cpp_ext.build`,
+cached) does each in one pass into one fresh tensor; docs/engine.md has the measurements.
+
+Each function returns the result, or None when the fast path does not apply, and the caller in
+`transformer.py` then runs its PyTorch code. The fast path runs only for CPU fp32 tensors (contiguous
+where the op says so) when autograd is not involved: training, and any forward that builds a graph,
+keep the exact PyTorch ops. `LMSTACK_CPU_OPS=0` turns the fast path off for the process (as does a
+failed build), `with disabled():` for a block (tests and benchmarks compare both paths in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmstack.utils.cpp_ext import build
+
+ENV = "LMSTACK_CPU_OPS"
+CSRC = Path(__file__).parent / "csrc"
+_disabled = False  # set inside `disabled()`
+
+
+@functools.cache
+def extension():
+    """The compiled ops module, or None (off through `LMSTACK_CPU_OPS=0`, or not buildable: one warning)."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return None
+    return build("lmstack_cpu_ops", CSRC, ["cpu_ops.cpp"], [], "the fused CPU inference ops")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the PyTorch path of every op inside the block."""
+    global _disabled
+    previous, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = previous
+
+
+def _ops(*tensors: Tensor):
+    """The extension when the fast path may serve these tensors: on the CPU, with no autograd history to
+    record (training keeps PyTorch's ops), not disabled; else None. Dtype, layout and shapes are checked
+    in C++, which returns None for what it does not take."""
+    if _disabled or not tensors[0].is_cpu:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return extension()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (fp32, contiguous), or None."""
+    ext = _ops(x, weight)
+    return None if ext is None else ext.rms_norm(x, weight, eps)
+
+
+def rope_qkv(
+    qkv: Tensor, cos: Tensor, signed_sin: Tensor, n_head: int, n_kv_head: int
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A fused q/k/v projection's output (B, T, (n_head + 2 n_kv_head) * head_dim) split into q (B, n_head,
+    T, head_dim) and k, v (B, n_kv_head, T, head_dim), RoPE applied to q and k (`apply_rope`'s tables), all
+    three contiguous; or None."""
+    ext = _ops(qkv)
+    return None if ext is None else ext.rope_qkv(qkv, cos, signed_sin, n_head, n_kv_head)
+
+
+def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
+    """`apply_rope(x, cos, signed_sin)` for fp32 heads x (B, H, T, head_dim) with a unit last stride, into a
+    contiguous tensor; or None."""
+    ext = _ops(x)
+    return None if ext is None else ext.rope(x, cos, signed_sin)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor | None:
+    """silu(gate) * up where gate and up are the two halves of the last dim (fp32, contiguous), or None."""
+    ext = _ops(gate_up)
+    return None if ext is None else ext.silu_mul(gate_up)

@@ -1,0 +1,253 @@
+// Fused CPU inference ops for the Transformer (lmstack/model/cpu_ops.py is the Python side).
+//
+// A decode step of a small model runs each element-wise op on a few hundred values, so ATen's per-op
+// cost (dispatch, allocation, the composite's five or six kernels) outweighs the arithmetic. Each op here
+// is one pass over its input into one fresh output: RMSNorm, RoPE over the fused q/k/v heads (q, k, v
+// written contiguous), SiLU(gate) * up.
+//
+// Every op returns nullopt where it does not apply (not fp32, not contiguous, shapes it does not know);
+// the caller then runs its PyTorch path. The callers only come here without autograd.
+//
+// Vectorisation: plain loops the compiler vectorises at -O3, built twice through `target_clones`
+// (AVX2 and the baseline) on x86-64 Linux; the loader picks the clone the CPU runs (one cpuid check).
+// No FMA in either clone, so the AVX2 and baseline results are bit-identical and the products and sums
+// round exactly like PyTorch's element-wise kernels (only RMSNorm's sum of squares is added in another
+// order). Threads: `at::parallel_for` over rows, only when the tensor is large (prefill); one decode
+// token's row runs inline on the calling thread. Each op is a `RECORD_FUNCTION` scope, so
+// torch.profiler shows it (as lmstack::<op>) next to the aten ops it replaces.
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define LMS_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LMS_CLONES
+#endif
+
+// GCC keeps a loop with float comparisons (exp's clamp) scalar under the default -ftrapping-math;
+// these ops never rely on floating-point traps, so the function holding that loop opts out.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LMS_NO_TRAPS __attribute__((optimize("no-trapping-math")))
+#else
+#define LMS_NO_TRAPS
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// Rows per parallel task: about this many floats, so a few hundred values never wake a second thread.
+constexpr int64_t kGrainFloats = 1 << 15;
+
+int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, row_len)); }
+
+bool is_f32_contiguous(const Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, per row.
+
+constexpr int kLanes = 16;  // independent partial sums: the compiler turns them into vector registers
+
+LMS_CLONES void rms_norm_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t n,
+                             float eps) {
+  float partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) partial[j] += x[i + j] * x[i + j];
+  }
+  for (; i < n; ++i) partial[i % kLanes] += x[i] * x[i];
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += partial[j];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t k = 0; k < n; ++k) y[k] = x[k] * inv * w[k];
+}
+
+std::optional<Tensor> rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  RECORD_FUNCTION("lmstack::rms_norm", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(x) || !is_f32_contiguous(weight) || x.dim() < 1 || weight.dim() != 1) return std::nullopt;
+  const int64_t n = x.size(-1);
+  if (n == 0 || weight.size(0) != n) return std::nullopt;
+  Tensor y = at::empty_like(x);
+  const int64_t rows = x.numel() / n;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto e = static_cast<float>(eps);
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(xp + r * n, wp, yp + r * n, n, e);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RoPE in the rotate-half layout with the sign folded into the sin table (apply_rope in transformer.py):
+// y = x * cos + roll(x, half) * signed_sin, i.e. y[i] = x[i] c[i] + x[i + half] s[i] for i < half and
+// y[i] = x[i] c[i] + x[i - half] s[i] above.
+
+LMS_CLONES void rope_head(const float* __restrict x, const float* __restrict c, const float* __restrict s,
+                          float* __restrict y, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + x[i + half] * s[i];
+  for (int64_t i = half; i < 2 * half; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// The cos/sin tables as the Transformer passes them: (T, hd) shared by the batch, or (B|1, 1, T, hd) per
+// row (ragged positions). Row (b, t)'s table starts at base + (b * batch_stride + t) * hd.
+struct RopeTables {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t batch_stride = 0;  // in rows of hd values
+
+  const float* cos_at(int64_t b, int64_t t, int64_t hd) const { return cos + (b * batch_stride + t) * hd; }
+  const float* sin_at(int64_t b, int64_t t, int64_t hd) const { return sin + (b * batch_stride + t) * hd; }
+};
+
+std::optional<RopeTables> rope_tables(const Tensor& cos, const Tensor& sin, int64_t B, int64_t T, int64_t hd) {
+  if (!is_f32_contiguous(cos) || !is_f32_contiguous(sin) || cos.sizes() != sin.sizes()) return std::nullopt;
+  if (hd % 2 != 0 || cos.size(-1) != hd) return std::nullopt;
+  RopeTables tables{cos.data_ptr<float>(), sin.data_ptr<float>(), 0};
+  if (cos.dim() == 2 && cos.size(0) == T) return tables;
+  if (cos.dim() == 4 && cos.size(1) == 1 && cos.size(2) == T && (cos.size(0) == B || cos.size(0) == 1)) {
+    tables.batch_stride = cos.size(0) == 1 ? 0 : T;
+    return tables;
+  }
+  return std::nullopt;
+}
+
+// qkv (B, T, (n_head + 2 n_kv_head) * hd), the fused projection's output -> q (B, n_head, T, hd) and
+// k (B, n_kv_head, T, hd) with RoPE applied, v (B, n_kv_head, T, hd); all three fresh and contiguous.
+std::optional<std::tuple<Tensor, Tensor, Tensor>> rope_qkv(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
+                                                           int64_t n_head, int64_t n_kv_head) {
+  RECORD_FUNCTION("lmstack::rope_qkv", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(qkv) || qkv.dim() != 3 || n_head <= 0 || n_kv_head <= 0) return std::nullopt;
+  const int64_t B = qkv.size(0), T = qkv.size(1), hd = cos.size(-1), heads = n_head + 2 * n_kv_head;
+  if (hd == 0 || qkv.size(2) != heads * hd) return std::nullopt;
+  const auto tables = rope_tables(cos, sin, B, T, hd);
+  if (!tables) return std::nullopt;
+  Tensor q = at::empty({B, n_head, T, hd}, qkv.options());
+  Tensor k = at::empty({B, n_kv_head, T, hd}, qkv.options());
+  Tensor v = at::empty({B, n_kv_head, T, hd}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  at::parallel_for(0, B * T, grain_rows(heads * hd), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* row = src + r * heads * hd;
+      const float* c = tables->cos_at(b, t, hd);
+      const float* s = tables->sin_at(b, t, hd);
+      for (int64_t h = 0; h < n_head; ++h) rope_head(row + h * hd, c, s, qp + ((b * n_head + h) * T + t) * hd, hd / 2);
+      for (int64_t h = 0; h < n_kv_head; ++h) {
+        const int64_t out = ((b * n_kv_head + h) * T + t) * hd;
+        rope_head(row + (n_head + h) * hd, c, s, kp + out, hd / 2);
+        std::memcpy(vp + out, row + (n_head + n_kv_head + h) * hd, hd * sizeof(float));
+      }
+    }
+  });
+  return std::make_tuple(q, k, v);
+}
+
+// x (B, H, T, hd) with any strides but a unit last one (a transposed projection output) -> RoPE'd copy,
+// contiguous (B, H, T, hd). The unfused attention path (adapters around q/k/v) uses it.
+std::optional<Tensor> rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  RECORD_FUNCTION("lmstack::rope", std::vector<c10::IValue>());
+  if (!x.device().is_cpu() || x.scalar_type() != at::kFloat || x.dim() != 4 || x.stride(3) != 1) return std::nullopt;
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3);
+  const auto tables = rope_tables(cos, sin, B, T, hd);
+  if (!tables) return std::nullopt;
+  Tensor y = at::empty({B, H, T, hd}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  at::parallel_for(0, B * H * T, grain_rows(hd), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * T), h = (r / T) % H, t = r % T;
+      rope_head(xp + b * sb + h * sh + t * st, tables->cos_at(b, t, hd), tables->sin_at(b, t, hd), yp + r * hd,
+                hd / 2);
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU's element-wise part over the fused gate/up output: y = silu(gate) * up, gate and up the two
+// halves of the last dimension.
+
+// exp(x) for x in [-87.3, 88] to about 1 ulp (the Cephes expf polynomial): 2^n * e^r with
+// n = round(x / ln 2) and |r| <= ln 2 / 2. Written with arithmetic only (the round-to-nearest through
+// the 1.5 * 2^23 shift, the 2^n through the exponent bits), so the loop around it vectorises, which a
+// call to std::exp would not. The caller clamps x into the range (2^n then stays a normal float).
+inline float exp_in_range(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kShift = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * kLog2e + kShift) - kShift;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// y = -gate clamped into exp_in_range's range. A loop of its own: with the clamp inside the exp loop,
+// GCC specialises the clamped lanes into gate / (1 + e^88), a subnormal for every lane it computes,
+// and the loop ran 5x slower on subnormal assists. Ternaries, not std::min/max, which would not inline
+// across LMS_NO_TRAPS.
+LMS_CLONES LMS_NO_TRAPS void negate_clamped(const float* __restrict gate, float* __restrict y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    const float x = -gate[i];
+    const float low = x < -87.3f ? -87.3f : x;
+    y[i] = low > 88.f ? 88.f : low;
+  }
+}
+
+// y = silu(gate) * up = gate / (1 + e^-gate) * up, as PyTorch's silu computes it, in two vectorised passes.
+LMS_CLONES void silu_mul_row(const float* __restrict gate, const float* __restrict up, float* __restrict y,
+                             int64_t d) {
+  negate_clamped(gate, y, d);
+  for (int64_t i = 0; i < d; ++i) y[i] = gate[i] / (1.f + exp_in_range(y[i])) * up[i];
+}
+
+std::optional<Tensor> silu_mul(const Tensor& gate_up) {
+  RECORD_FUNCTION("lmstack::silu_mul", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(gate_up) || gate_up.dim() < 1 || gate_up.size(-1) % 2 != 0) return std::nullopt;
+  const int64_t d = gate_up.size(-1) / 2;
+  if (d == 0) return std::nullopt;
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = d;
+  Tensor y = at::empty(sizes, gate_up.options());
+  const int64_t rows = gate_up.numel() / (2 * d);
+  const float* src = gate_up.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, grain_rows(2 * d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * 2 * d, src + r * 2 * d + d, yp + r * d, d);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32, contiguous), or None", py::arg("x"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("rope_qkv", &rope_qkv, "fused q/k/v output -> RoPE'd q, k and v heads, contiguous, or None",
+        py::arg("qkv"), py::arg("cos"), py::arg("signed_sin"), py::arg("n_head"), py::arg("n_kv_head"));
+  m.def("rope", &rope, "RoPE over (B, H, T, hd) heads into a contiguous copy, or None", py::arg("x"),
+        py::arg("cos"), py::arg("signed_sin"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up over the halves of the last dim, or None", py::arg("gate_up"));
+}

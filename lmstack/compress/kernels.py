@@ -30,8 +30,10 @@ from lmstack.utils.cpp_ext import build
 ENV = "LMSTACK_KERNELS"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("qkernels_bind.cpp", "qkernels_scalar.cpp", "qkernels_avx2.cpp", "qkernels_avx512.cpp")
+SOURCES = ("qkernels_bind.cpp", "qkernels_scalar.cpp", "qkernels_avx2.cpp", "qkernels_avx512.cpp", "qkernels_bf16.cpp")
 BLOCK = 32
+BF16_ENV = "LMSTACK_BF16_GEMM"  # "0" keeps prefill-sized batches on the integer kernels
+BF16_MIN_ROWS = 12  # from this many rows a bf16 GEMM beats the integer dot products (AVX-512 BF16 CPUs)
 
 
 @functools.cache
@@ -70,6 +72,26 @@ def selected_isa() -> int | None:
     return _isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto")
 
 
+@functools.cache
+def bf16_gemm_available() -> bool:
+    """Whether this CPU has AVX-512 BF16, so prefill-sized batches can run as one bf16 GEMM."""
+    ext = extension()
+    return ext is not None and ext.bf16_supported()
+
+
+def uses_bf16_gemm(rows: int, isa: int) -> bool:
+    """Whether `qlinear` runs `rows` activation rows as a bf16 GEMM over the dequantized weight: on the
+    AVX-512 path of a CPU with AVX-512 BF16, from `BF16_MIN_ROWS` rows (prefill), unless
+    LMSTACK_BF16_GEMM=0. oneDNN's bf16 GEMM then does many times the integer kernels' multiply-adds per
+    cycle, and dequantizing the weight once costs less than the rows' dot products."""
+    return (
+        rows >= BF16_MIN_ROWS
+        and isa == ISAS["avx512"]
+        and os.environ.get(BF16_ENV, "1").strip() != "0"
+        and bf16_gemm_available()
+    )
+
+
 def kernel_for(x: torch.Tensor, in_features: int, group_size: int) -> int | None:
     """The ISA code to run this call with, or None when the fused kernel cannot run it (not on the CPU,
     autograd through the input, shapes not in whole 32-column blocks, or the torch path chosen)."""
@@ -97,6 +119,8 @@ def qlinear(
         return y.to(x.dtype)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
+    if uses_bf16_gemm(x.numel() // x.shape[-1], isa):
+        return extension().qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
     return extension().qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
 
 

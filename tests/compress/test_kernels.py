@@ -52,6 +52,8 @@ def test_kernel_equals_reference(isa, shape):
         ref = kernels.reference_qlinear(x, codes, q.scales, mins, bits, q.bias)
         y = kernels.qlinear(x, q.qweight, q.scales, mins, bits, q.group_size, q.bias, kernels.ISAS[isa])
         assert y.shape == (m, n) and y.dtype == torch.float32
+        if kernels.uses_bf16_gemm(m, kernels.ISAS[isa]):  # many rows: bf16 GEMM (test below), not this arithmetic
+            continue
         torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5, msg=f"{name} on {isa}")
         # And it stays close to the float matmul with the dequantized weight: rounding an activation
         # moves it by at most half a step, its 32-block's absmax / 254.
@@ -59,6 +61,34 @@ def test_kernel_equals_reference(isa, shape):
         half_step = x.abs().view(m, -1, 32).amax(-1).repeat_interleave(32, dim=1) / 254
         bound = half_step @ w.abs().T + 1e-5
         assert torch.all((y - nn.functional.linear(x, w, q.bias)).abs() <= bound), name
+
+
+@pytest.mark.parametrize("shape", [(12, 96, 37), (66, 576, 67), (20, 64, 2100)], ids=lambda s: "x".join(map(str, s)))
+def test_many_rows_run_a_bf16_gemm_where_the_cpu_has_avx512_bf16(shape, monkeypatch):
+    """From BF16_MIN_ROWS rows the AVX-512 path runs one bf16 GEMM over the dequantized weight (2100
+    outputs: more than one 2048-row slab). bf16 rounds each input to 8 bits of mantissa, so the result is
+    within a few parts per thousand of the float matmul, closer than the int8-activation kernels; with
+    LMSTACK_BF16_GEMM=0, or on a CPU without AVX-512 BF16, the integer kernels run as tested above."""
+    m, k, n = shape
+    torch.manual_seed(m + k + n)
+    x = torch.randn(m, k)
+    avx512 = kernels.ISAS["avx512"]
+    for name, q in _modules(k, n).items():
+        bits = 8 if isinstance(q, Int8Linear) else 4
+        mins = getattr(q, "mins", None)
+        exact = nn.functional.linear(x, q.dequantize(), q.bias)
+        if kernels.bf16_gemm_available():
+            assert kernels.uses_bf16_gemm(m, avx512) and not kernels.uses_bf16_gemm(kernels.BF16_MIN_ROWS - 1, avx512)
+            y = kernels.qlinear(x, q.qweight, q.scales, mins, bits, q.group_size, q.bias, avx512)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert ((y - exact).norm() / exact.norm()) < 5e-3, name
+        monkeypatch.setenv(kernels.BF16_ENV, "0")
+        assert not kernels.uses_bf16_gemm(m, avx512)
+        if "avx512" in PATHS:
+            y = kernels.qlinear(x, q.qweight, q.scales, mins, bits, q.group_size, q.bias, avx512)
+            ref = kernels.reference_qlinear(x, q.qweight if bits == 8 else q.codes(), q.scales, mins, bits, q.bias)
+            torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5, msg=name)
+        monkeypatch.delenv(kernels.BF16_ENV)
 
 
 def test_module_forward_uses_kernel_for_any_leading_shape_and_dtype():

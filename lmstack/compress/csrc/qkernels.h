@@ -41,6 +41,9 @@ LMQ_DECLARE(scalar)
 #if defined(__x86_64__) || defined(_M_X64)
 LMQ_DECLARE(avx2)
 LMQ_DECLARE(avx512)
+// Packed rows [n_begin, n_end) -> bf16, row n at out + (n - row0) * K (qkernels_bf16.cpp; AVX-512 BF16 only).
+void dequantize_rows_bf16(const uint8_t* w, const uint16_t* scales, const uint16_t* mins, int64_t K, int bits,
+                          int64_t group, int64_t n_begin, int64_t n_end, int64_t row0, uint16_t* out);
 #endif
 
 }  // namespace lmq

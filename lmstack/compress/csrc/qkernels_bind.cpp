@@ -25,6 +25,14 @@ bool isa_supported(int64_t isa) {
   return false;
 }
 
+bool bf16_supported() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return isa_supported(kAvx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 std::vector<int64_t> supported_isas() {
   std::vector<int64_t> out;
   for (int64_t isa : {kScalar, kAvx2, kAvx512}) {
@@ -115,10 +123,53 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
+// y (..., N) = x (..., K) @ dequant(W)^T + bias as bf16 GEMMs (oneDNN, fp32 accumulation), for batches
+// of many rows on CPUs with AVX-512 BF16. The weight is dequantized slab by slab (kSlab rows) into
+// per-thread scratch that is reused: a fresh buffer per call would page-fault on every call (56 MB for
+// SmolLM2's head), and a slab stays in cache while the GEMM reads it.
+torch::Tensor qlinear_bf16(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
+                           int64_t bits, int64_t group) {
+  TORCH_CHECK(bf16_supported(), "lmstack kernels: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 && x.is_contiguous(), "x must be contiguous fp32 (..., K)");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.element_size() == 1, "packed weight must be contiguous int8/uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = w.size(0);
+  TORCH_CHECK(w.size(1) == (bits == 8 ? K : K / 2), "packed weight shape");
+  TORCH_CHECK(K % 32 == 0 && group % 32 == 0 && K % group == 0 && scales.numel() == N * (K / group),
+              "K and the group size must be multiples of 32, scales (N, K / group)");
+  const uint16_t* mins_ptr = mins.has_value() ? reinterpret_cast<const uint16_t*>(mins->data_ptr()) : nullptr;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty({M, N}, x.options());
+#if defined(__x86_64__) || defined(_M_X64)
+  constexpr int64_t kSlab = 2048;
+  const int64_t slab = std::min(N, kSlab);
+  thread_local std::vector<uint16_t> scratch;
+  if (scratch.size() < static_cast<size_t>(slab * K)) scratch.resize(slab * K);
+  uint16_t* buffer = scratch.data();  // the calling thread's: inside parallel_for `scratch` names the worker's
+  const auto xb = x.reshape({M, K}).to(torch::kBFloat16);
+  const auto* w_ptr = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  const auto* s_ptr = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  for (int64_t n0 = 0; n0 < N; n0 += slab) {
+    const int64_t n1 = std::min(N, n0 + slab);
+    at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t begin, int64_t end) {
+      lmq::dequantize_rows_bf16(w_ptr, s_ptr, mins_ptr, K, static_cast<int>(bits), group, begin, end, n0, buffer);
+    });
+    const auto weight = torch::from_blob(buffer, {n1 - n0, K}, x.options().dtype(torch::kBFloat16));
+    y.narrow(1, n0, n1 - n0).copy_(at::matmul(xb, weight.t()));
+  }
+#endif
+  if (bias.has_value()) y.add_(*bias);
+  return y.view(out_shape);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lmstack fused dequantize-GEMV/GEMM kernels for int8 and int4 packed weights";
   m.def("qlinear", &qlinear, "y = x @ dequant(W).T + bias with activations quantized per 32 (Q8_0 style)");
+  m.def("bf16_supported", &bf16_supported, "whether this CPU has AVX-512 BF16 (dequantize_bf16 runs)");
+  m.def("qlinear_bf16", &qlinear_bf16, "y = x @ dequant(W).T + bias as bf16 GEMMs over dequantized weight slabs");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs: 0 scalar, 1 avx2, 2 avx512-vnni");
 }

@@ -11,6 +11,9 @@ another order) can move a rounding step, and two near-tied logits swap (the fp32
 equal). `--profile` adds torch.profiler's operator time per generated token (self CPU time of every aten
 op and of the fused `lmstack::` ops, prefill included) for each path, with the ops that take most of it.
 
+`--threads 1 --clock cpu` times this process's CPU time instead of wall time, so other processes' load
+barely moves the figures (as in decode_speed.py).
+
     python benchmarks/cpu_ops_speed.py --tokens 64 --rounds 5 --threads 2 --profile
 """
 
@@ -33,6 +36,7 @@ from lmstack.model.transformer import fuse_for_inference
 PROMPT = "Write a short paragraph about why the sky is blue."
 PATHS = {"fused CPU ops": contextlib.nullcontext, "PyTorch ops": cpu_ops.disabled}
 PEER = "PyTorch ops"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def decode_rate(times: list[float]) -> float:
@@ -57,7 +61,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also print the profiler's per-token op time")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (--threads 1)")
     args = parser.parse_args()
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model, keep_quantized=True)
@@ -68,7 +74,7 @@ def main() -> None:
     def runner(path: str):
         def run() -> list[tuple[int, float]]:
             with PATHS[path]():
-                return [(token, time.perf_counter()) for token in generate_tokens(model, prompt_ids, params)]
+                return [(token, clock()) for token in generate_tokens(model, prompt_ids, params)]
 
         return run
 
@@ -80,7 +86,8 @@ def main() -> None:
             rates[path].append(decode_rate([t for _, t in runner(path)()]))
     medians = {path: statistics.median(r) for path, r in rates.items()}
     print(
-        f"\nsingle-stream decode, {args.model} packed, {args.tokens} tokens, {args.threads} threads, median of "
+        f"\nsingle-stream decode, {args.model} packed, {args.tokens} tokens, {args.threads} threads, {args.clock} "
+        f"clock, median of "
         f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f}; the paths' greedy tokens "
         f"agree for the first {agree} of {args.tokens}"
     )

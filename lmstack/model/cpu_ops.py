@@ -2,9 +2,10 @@
 
 One decode token of a small model runs every element-wise op on a few hundred values, so on the CPU
 PyTorch's fixed cost per op (dispatch, allocation, and the five or six kernels of a composite such as
-`F.rms_norm`) is most of their time: before these ops, 61 RMSNorms and 30 RoPEs cost about 2 ms of a
-SmolLM2-135M token. The C++ in `csrc/cpu_ops.cpp` (built just in time by `lmstack.utils.cpp_ext.build`,
-cached) does each in one pass into one fresh tensor; docs/engine.md has the measurements.
+`F.rms_norm`) is most of their time: before these ops, 61 RMSNorms and 30 RoPEs took about 2 ms of a
+SmolLM2-135M token under the profiler. The C++ in `csrc/cpu_ops.cpp` (built just in time by
+`lmstack.utils.cpp_ext.build`, cached) does each in one pass into one fresh tensor; docs/engine.md has
+the measurements.
 
 Each function returns the result, or None when the fast path does not apply, and the caller in
 `transformer.py` then runs its PyTorch code. The fast path runs only for CPU fp32 tensors (contiguous

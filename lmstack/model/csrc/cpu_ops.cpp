@@ -10,15 +10,16 @@
 //
 // Vectorisation: plain loops the compiler vectorises at -O3, built twice through `target_clones`
 // (AVX2 and the baseline) on x86-64 Linux; the loader picks the clone the CPU runs (one cpuid check).
-// No FMA in either clone, so the AVX2 and baseline results are bit-identical and the products and sums
-// round exactly like PyTorch's element-wise kernels (only RMSNorm's sum of squares is added in another
-// order). Threads: `at::parallel_for` over rows, only when the tensor is large (prefill); one decode
+// No FMA in either clone, so the AVX2 and baseline results are bit-identical, and RoPE rounds exactly
+// like PyTorch's element-wise kernels (RMSNorm adds its squares in another order and SiLU's exp is a
+// polynomial of its own: both within 1e-6 relative of PyTorch). Threads: `at::parallel_for` over rows, only when the tensor is large (prefill); one decode
 // token's row runs inline on the calling thread. Each op is a `RECORD_FUNCTION` scope, so
 // torch.profiler shows it (as lmstack::<op>) next to the aten ops it replaces.
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

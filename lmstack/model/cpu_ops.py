@@ -1,4 +1,5 @@
-"""Fused CPU ops for inference: RMSNorm, RoPE over the fused q/k/v heads, SiLU(gate) * up.
+"""Fused CPU ops for inference: RMSNorm, RoPE over the fused q/k/v heads, SiLU(gate) * up, and the
+attention of one decode token over the contiguous KV cache.
 
 One decode token of a small model runs every element-wise op on a few hundred values, so on the CPU
 PyTorch's fixed cost per op (dispatch, allocation, and the five or six kernels of a composite such as
@@ -89,3 +90,11 @@ def silu_mul(gate_up: Tensor) -> Tensor | None:
     """silu(gate) * up where gate and up are the two halves of the last dim (fp32, contiguous), or None."""
     ext = _ops(gate_up)
     return None if ext is None else ext.silu_mul(gate_up)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """Softmax attention of one query token per row, q (B, n_head, 1, head_dim) contiguous, over all of
+    k, v (B, n_kv_head, L, head_dim) (the KV cache's views; grouped-query when n_kv_head < n_head), as
+    (B, n_head, 1, head_dim); or None."""
+    ext = _ops(q)
+    return None if ext is None else ext.decode_attention(q, k, v)

@@ -212,6 +212,20 @@ class Attention(nn.Module):
         q, k = qk.split([cfg.n_head, cfg.n_kv_head], dim=1)
         return q, k, v
 
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cached: bool) -> Tensor:
+        """SDPA over q (B, n_head, T, hd) and k, v (B, n_kv_head, L, hd); one decoded token over its cache
+        runs the fused CPU op instead when it applies (SDPA's fixed cost is most of that tiny call)."""
+        cfg, T = self.cfg, q.shape[2]
+        if cached and T == 1 and mask is None:
+            y = cpu_ops.decode_attention(q, k, v)  # None off the CPU, with autograd, or for other dtypes
+            if y is not None:
+                return y
+        dropout = cfg.dropout if self.training else 0.0
+        gqa = cfg.n_kv_head != cfg.n_head
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: Cache | None
     ) -> Tensor:
@@ -228,19 +242,12 @@ class Attention(nn.Module):
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attend = getattr(cache, "attend", None)  # an inference cache may own attention (engine's paged kernel)
-        if cache is not None and attend is None:
-            k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, L, head_dim), L = past + T
-        dropout = cfg.dropout if self.training else 0.0
         if attend is not None:
             y = attend(self.layer, q, k, v)  # (B, n_head, T, head_dim): stores k/v, attends each row causally
-        elif mask is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=cfg.n_kv_head != cfg.n_head
-            )
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=cfg.n_kv_head != cfg.n_head
-            )
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, L, head_dim), L = past + T
+            y = self._attention(q, k, v, mask, cached=cache is not None)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
         return self.o_proj(y)
 

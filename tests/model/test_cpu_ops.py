@@ -128,6 +128,23 @@ def test_ops_decline_what_they_do_not_take(ext):
         assert cpu_ops.rms_norm(leaf, weight, 1e-5) is not None
 
 
+@pytest.mark.parametrize(("B", "n_head", "n_kv_head", "hd", "L"), [(1, 9, 3, 64, 1), (2, 4, 4, 14, 37), (3, 6, 2, 6, 300)])
+def test_decode_attention_equals_sdpa_over_cache_views(ext, B, n_head, n_kv_head, hd, L):
+    """One query token per row over k/v seen through a longer cache (strided views, as KVCache.update
+    returns them), grouped-query included, against SDPA."""
+    torch.manual_seed(L)
+    q = torch.randn(B, n_head, 1, hd)
+    k_store, v_store = torch.randn(B, n_kv_head, L + 8, hd), torch.randn(B, n_kv_head, L + 8, hd)
+    k, v = k_store[:, :, :L], v_store[:, :, :L]
+    y = ext.decode_attention(q, k * 3, v)  # large scores: the softmax's max shift matters
+    ref = F.scaled_dot_product_attention(q, k * 3, v, enable_gqa=n_kv_head != n_head)
+    assert y.shape == (B, n_head, 1, hd)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert ext.decode_attention(q, k, v) is not None
+    assert ext.decode_attention(torch.randn(B, n_head, 2, hd), k, v) is None  # more than one query token
+    assert ext.decode_attention(q.double(), k.double(), v.double()) is None
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_model_logits_and_greedy_tokens_same_with_ops_off(calls, fused):
     model = odd_model()
@@ -150,6 +167,7 @@ def test_model_logits_and_greedy_tokens_same_with_ops_off(calls, fused):
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     prompt = [5, 17, 3, 60]
     fast_tokens = list(generate_tokens(model, prompt, params))
+    assert calls["decode_attention"] > 0  # every decoded token after the prompt
     with cpu_ops.disabled():
         assert fast_tokens == list(generate_tokens(model, prompt, params))
 

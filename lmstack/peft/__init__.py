@@ -6,7 +6,7 @@ model = apply_peft(model, PeftConfig(method="lora", r=8, target_modules=["q_proj
 
 from lmstack.peft.config import METHODS, PeftConfig
 from lmstack.peft.io import adapter_base, is_adapter_dir, load_adapter, merge_adapter, save_adapter
-from lmstack.peft.model import apply_peft, count_parameters, set_adapter, set_dylora_rank
+from lmstack.peft.model import apply_peft, count_parameters, set_adapter, set_dylora_rank, store_frozen_base
 
 __all__ = [
     "METHODS",
@@ -20,4 +20,5 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_dylora_rank",
+    "store_frozen_base",
 ]

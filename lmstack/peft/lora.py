@@ -102,11 +102,13 @@ class LoraLinear(nn.Module):
         return B @ A * self.scaling(name)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         name = self.active_adapter
         if name is None or name not in self.lora_A:
-            return out
+            return self.base_layer(x)
         kind = self.kind[name]
+        if kind == "lora" and torch.is_autocast_enabled(x.device.type):
+            return self._lora_autocast(x, name)
+        out = self.base_layer(x)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         h = self.lora_dropout[name](x).to(A.dtype)
         if kind == "dora":
@@ -119,6 +121,20 @@ class LoraLinear(nn.Module):
         else:
             delta = F.linear(F.linear(h, A), B) * self.scaling(name)
         return out + delta.to(out.dtype)
+
+    def _lora_autocast(self, x: Tensor, name: str) -> Tensor:
+        """base(x) + scale * B(A(x)) under autocast (mixed-precision training), in the autocast dtype.
+
+        x is cast once and both branches read that copy (the fp32 path casts it for the base and again for
+        the adapter); the scale and the sum ride in one addmm, so beyond the base GEMM nothing runs over
+        the (tokens, out_features) output: no scaling pass and no separate add, forward or backward.
+        """
+        xb = x.to(torch.get_autocast_dtype(x.device.type))
+        out = self.base_layer(xb)
+        t = F.linear(self.lora_dropout[name](xb), self.lora_A[name].weight)  # (..., r); autocast casts A
+        B = self.lora_B[name].weight
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), t.reshape(-1, t.shape[-1]), B.t(), alpha=self.scaling(name))
+        return y.view(out.shape)
 
     def _dora(self, out: Tensor, x: Tensor, h: Tensor, name: str) -> Tensor:
         """out = base(x); returns m/||W'|| * (W' h) + bias with W' = W + scale*B@A, as PEFT computes it."""

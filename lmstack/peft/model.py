@@ -198,6 +198,29 @@ def apply_peft(
     return model
 
 
+def store_frozen_base(model: Transformer, dtype: torch.dtype) -> int:
+    """Keep every frozen linear weight of the blocks (and an untied frozen lm_head) in `dtype`; returns how
+    many weights changed.
+
+    For adapter methods trained under `dtype` autocast: autocast casts an fp32 weight to `dtype` in every
+    forward (and keeps that copy for backward), re-reading the whole frozen base each step. A frozen weight
+    never changes, so one cast up front gives the same numbers (the same rounding of the same values)
+    without the per-step copies, and halves the base's memory. Trainable parameters (adapters, and any
+    unfrozen weight), norms and embeddings stay fp32, so the optimizer still steps fp32 values; a tied
+    lm_head is the embedding table and stays fp32 with it.
+    """
+    tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and id(p) not in tied and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                changed += 1
+    return changed
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; tied and shared tensors counted once; a quantized slot (packed
     buffers, no weight parameter) counts its in x out weights."""

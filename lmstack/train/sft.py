@@ -29,6 +29,7 @@ from lmstack.config import TrainConfig
 from lmstack.data.sft import PackedRows
 from lmstack.errors import LmstackError, require
 from lmstack.peft.config import VIRTUAL_TOKEN_METHODS, PeftConfig
+from lmstack.peft.model import store_frozen_base
 from lmstack.train import checkpoint as ckpt_io
 from lmstack.train.distributed import (
     all_reduce_sum,
@@ -40,7 +41,7 @@ from lmstack.train.distributed import (
 )
 from lmstack.train.pretrain import Trainer, _checkpoint_to_resume
 from lmstack.utils.config_loader import build_dataclass, load_yaml, merge, parse_overrides
-from lmstack.utils.device import resolve_device
+from lmstack.utils.device import DTYPES, resolve_device
 
 SFTConfigT = TypeVar("SFTConfigT", bound="SFTConfig")
 
@@ -300,14 +301,24 @@ class SFTTrainer(Trainer):
                 model.load_state_dict(state, strict=False)
             if self.allocator is not None:
                 self.allocator.load_state_dict(read_safetensors(resume_from / ADALORA_STATE))
+        amp_dtype = DTYPES[self.cfg.dtype]
+        if amp_dtype != torch.float32 and self.cfg.peft.method not in MODEL_METHODS:
+            store_frozen_base(model, amp_dtype)  # cast once, not by autocast in every step
         return model
+
+    def packed_batch(self, rows: PackedRows, indices: np.ndarray) -> dict[str, Any]:
+        """Rows `indices` as a batch whose cache may attend within documents (lmstack.peft.document_attention:
+        bf16/fp16 autocast on CPU; the model's SDPA otherwise). Attention dropout needs the model's path."""
+        batch = rows.batch(indices)
+        batch["cache"].document_attention = unwrap(self.model).cfg.dropout == 0
+        return batch
 
     def build_batches(self) -> SFTBatches:
         cfg, ctx = self.cfg, self.ctx
         return SFTBatches(self.data["train"], cfg.batch_size, cfg.grad_accum, cfg.seed, ctx.rank, ctx.world_size)
 
     def forward_micro(self, step: int, micro: int) -> Any:
-        batch = self.batches.get(step, micro)
+        batch = self.packed_batch(self.batches.rows, self.batches.indices(step, micro))
         inputs, targets = batch["inputs"].to(self.device), batch["targets"].to(self.device)
         out = self.model(
             inputs, targets, cache=batch["cache"], label_smoothing=self.cfg.label_smoothing, trained_logits_only=True
@@ -336,7 +347,7 @@ class SFTTrainer(Trainer):
         n = min(len(rows), cfg.eval_batches * cfg.batch_size)
         mine = np.arange(ctx.rank, n, ctx.world_size)
         for i in range(0, len(mine), cfg.batch_size):
-            batch = rows.batch(mine[i : i + cfg.batch_size])
+            batch = self.packed_batch(rows, mine[i : i + cfg.batch_size])
             targets = batch["targets"].to(self.device)
             with self.autocast:
                 out = self.model(

@@ -32,10 +32,10 @@ class Cache(Protocol):
     """What attention needs from a KV cache (docs/architecture.md, Seam 2).
 
     `KVCache` below keeps one length for the whole batch; the engine's `PagedKVCache` gives every
-    row its own length and block table. Both go through the same `Attention`. An inference cache may
+    row its own length and block table. Both go through the same `Attention`. A cache may
     also offer `attend(layer, q, k, v) -> y (B, n_head, T, head_dim)`; `Attention` then hands it the
     whole step (store k/v and attend) instead of `update` + SDPA, and `layout`'s mask goes unused:
-    `PagedKVCache` does, to read keys where they lie in its block pool.
+    `PagedKVCache` does, to read keys where they lie in its block pool (so does SFT's TrainingCache).
     """
 
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
@@ -241,7 +241,7 @@ class Attention(nn.Module):
             v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attend = getattr(cache, "attend", None)  # an inference cache may own attention (engine's paged kernel)
+        attend = getattr(cache, "attend", None)  # a cache may own attention (engine's paged kernel)
         if attend is not None:
             y = attend(self.layer, q, k, v)  # (B, n_head, T, head_dim): stores k/v, attends each row causally
         else:

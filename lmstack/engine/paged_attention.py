@@ -5,7 +5,7 @@ each row's keys/values straight from the block pool through its block table.
 the extension built); otherwise it gathers every row's keys/values into a padded (B, n_kv_head, L,
 head_dim) tensor and runs SDPA with a (B, 1, T, L) mask, the portable path (GPUs, bf16, no compiler).
 
-The kernel, per (kv head, row) task on torch's thread pool: write the step's new keys/values into their
+The kernel, per (row, kv head) task on torch's thread pool: write the step's new keys/values into their
 slots (int8 pools quantized exactly as the PyTorch path does), then for every query head of the GQA group
 and every new token (left padding in T columns gets zeros) a causal online softmax in fp32 over the row's
 keys, chunk by chunk, with int8 keys/values dequantized on the fly. Dot products, exp and weighted sums run

@@ -2,7 +2,7 @@
 // through each row's block table (no gather copy, no padded mask), and the step's new keys/values are
 // written to their slots in the same pass.
 //
-// One task per (kv head, row), run over torch's own thread pool (at::parallel_for). A task
+// One task per (row, kv head), run over torch's own thread pool (at::parallel_for). A task
 //   1. stores the row's new keys/values of its kv head into their slots (int8 pools: absmax / 127 per
 //      slot and head, rounded half to even, exactly as the PyTorch path quantizes);
 //   2. walks the row's keys 0..L-1 in chunks of kChunk slots; every query head of the GQA group and every

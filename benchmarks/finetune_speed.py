@@ -28,9 +28,13 @@ for both contenders:
         does on CPU (through accelerate).
 
 Every configuration runs in its own child process, rounds alternating the order. tokens/s is B*T per
-step over the median step time (after one warm-up step); peak RSS is the child's high-water mark over
-the training steps (reset after loading via /proc/self/clear_refs, so loading's transient is left out;
-the RSS after loading is printed too). Medians over rounds; the ratio line compares LoRA with LoRA.
+step over the median step time (after one warm-up step); tokens/CPU-s is B*T over the median CPU time
+of the process per step (both threads' work; on a machine other jobs share it moves far less than
+wall time, so run with OMP_WAIT_POLICY=PASSIVE there, or waiting threads spin and count as work); peak
+RSS is the child's high-water mark over the training steps (reset after loading via
+/proc/self/clear_refs, so loading's transient is left out; the RSS after loading is printed too).
+Medians over rounds; the ratio line compares LoRA with LoRA. `--interleaved` instead loads lmstack's
+and the peer's LoRA into one process and alternates their steps, so a changing load hits both alike.
 """
 
 from __future__ import annotations

@@ -60,6 +60,36 @@ class DocumentLayout:
         return self.n_docs * self.length**2 <= MAX_WORK_FRACTION * batch * seq_len**2
 
 
+class _ToDocuments(torch.autograd.Function):
+    """tokens (B*T, ...) -> slots (n_docs * L, ...). Backward reads each token's own slot: a gather, not
+    index_select's scatter-add, which is exact because padded slots get zero gradient (no real query
+    sees them, and their own outputs are dropped by _ToTokens)."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, layout: DocumentLayout) -> Tensor:
+        ctx.layout = layout
+        return tokens.index_select(0, layout.gather)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.index_select(0, ctx.layout.scatter), None
+
+
+class _ToTokens(torch.autograd.Function):
+    """slots (n_docs * L, ...) -> tokens (B*T, ...); backward writes each token's gradient into its slot
+    and leaves padded slots at zero."""
+
+    @staticmethod
+    def forward(ctx, slots: Tensor, layout: DocumentLayout) -> Tensor:
+        ctx.layout, ctx.n_slots = layout, slots.shape[0]
+        return slots.index_select(0, layout.scatter)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        slots = grad.new_zeros((ctx.n_slots, *grad.shape[1:]))
+        return slots.index_copy_(0, ctx.layout.scatter, grad), None
+
+
 def document_attention(q: Tensor, k: Tensor, v: Tensor, layout: DocumentLayout) -> Tensor:
     """softmax(q k^T / sqrt(d) + causal-in-document) v: q (B, H, T, d), k and v (B, H_kv, T, d) ->
     (B, H, T, d), with query head h reading key/value head h // (H / H_kv) (grouped-query attention)."""
@@ -69,7 +99,7 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, layout: DocumentLayout) 
     n, L = layout.n_docs, layout.length
 
     def documents(x: Tensor) -> Tensor:  # (B, h, T, d) -> (n, L, h, d)
-        return x.transpose(1, 2).reshape(B * T, x.shape[1], d).index_select(0, layout.gather).view(n, L, -1, d)
+        return _ToDocuments.apply(x.transpose(1, 2).reshape(B * T, x.shape[1], d), layout).view(n, L, -1, d)
 
     # (n * H_kv, group * L, d): the query heads sharing a key/value head are stacked along the rows.
     qd = documents(q).view(n, L, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n * kv_heads, group * L, d)
@@ -79,4 +109,4 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, layout: DocumentLayout) 
     scores = torch.baddbmm(bias, qd, kd.transpose(1, 2), alpha=1 / math.sqrt(d))
     y = torch.bmm(torch.softmax(scores, dim=-1), vd)  # (n * H_kv, group * L, d)
     y = y.view(n, kv_heads, group, L, d).permute(0, 3, 1, 2, 4).reshape(n * L, H, d)
-    return y.index_select(0, layout.scatter).view(B, T, H, d).transpose(1, 2)
+    return _ToTokens.apply(y, layout).view(B, T, H, d).transpose(1, 2)

@@ -46,9 +46,15 @@ def test_layout_cuts_rows_into_documents():
 
 def test_document_attention_equals_masked_sdpa():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, 16, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(DOCS), enable_gqa=True)
-    torch.testing.assert_close(document_attention(q, k, v, DocumentLayout.of(DOCS)), reference, rtol=0, atol=1e-12)
+    ours = document_attention(q, k, v, DocumentLayout.of(DOCS))
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    grad = torch.randn(reference.shape, generator=g, dtype=torch.float64)
+    ours_grads, reference_grads = (torch.autograd.grad(y, (q, k, v), grad) for y in (ours, reference))
+    for a, b in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # the gather/scatter backward is exact
+    q, k, v = (x.detach() for x in (q, k, v))
     q, k, v = (x.bfloat16().requires_grad_() for x in (q, k, v))
     y = document_attention(q, k, v, DocumentLayout.of(DOCS))
     assert y.dtype == torch.bfloat16

@@ -152,9 +152,6 @@ class SFTBatches:
         n = len(self.rows)
         return np.array([self._perm(int(i // n))[i % n] for i in k])
 
-    def get(self, step: int, micro: int) -> dict[str, Any]:
-        return self.rows.batch(self.indices(step, micro))
-
     def token_weight(self, step: int, micro: int) -> float:
         """world_size x this rank's share of the micro-batch's trained tokens (1 in one process).
 

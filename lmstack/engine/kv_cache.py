@@ -167,6 +167,7 @@ class PagedKVCache:
         positions = torch.where(column >= pad, past[:, None] + column - pad, 0)  # (B, T)
         self._shape = (len(rows), T, max(lengths))
         self._layout = (positions.to(self.device), max(lengths) - 1, None)
+        self._rows, self._positions, self._gather_ready = rows, positions, False
         if self.kernel:
             width = max(len(r.block_table) for r in rows)
             tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
@@ -194,6 +195,7 @@ class PagedKVCache:
         self._padded = sum(r.new for r in rows) != B * T
         self._gather = gather.view(-1).to(device)
         self._mask = mask[:, None].to(device)
+        self._gather_ready = True
 
     def layout(self, T: int, device) -> tuple[Tensor, int, None]:
         """Positions for RoPE; no mask, as `attend` masks by itself."""
@@ -203,10 +205,12 @@ class PagedKVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v (B, n_kv_head, T, head_dim) and return causal attention y (B, n_head, T,
         head_dim) of q (B, n_head, T, head_dim) over each row's own keys (docs/architecture.md, Seam 2)."""
-        if self.kernel:
+        if self.kernel and q.dtype == k.dtype == v.dtype == torch.float32:
             scales = None if self.k_scale is None else (self.k_scale[layer], self.v_scale[layer])
             pools = (self.k[layer], self.v[layer])
             return paged_attention(q, k, v, pools, scales, self._tables, self._past, self._new, self.block_size)
+        if not self._gather_ready:  # activations in another dtype (autocast): the portable path this step
+            self._prepare_gather(self._rows, self._shape[1], self._positions)
         k_all, v_all = self.update(layer, k, v)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask, enable_gqa=self.gqa)
 
@@ -220,7 +224,7 @@ class PagedKVCache:
             if self._padded:
                 tokens = tokens.index_select(0, self._write_index)
             if self.k_scale is None:
-                pool.index_copy_(0, self._write_slots, tokens)
+                pool.index_copy_(0, self._write_slots, tokens.to(pool.dtype))
                 gathered = pool.index_select(0, self._gather)
             else:
                 scales = getattr(self, f"{name}_scale")[layer]

@@ -10,8 +10,8 @@ the measurements.
 
 Each function returns the result, or None when the fast path does not apply, and the caller in
 `transformer.py` then runs its PyTorch code. The fast path runs only for CPU fp32 tensors (contiguous
-where the op says so) when autograd is not involved: training, and any forward that builds a graph,
-keep the exact PyTorch ops. `LMSTACK_CPU_OPS=0` turns the fast path off for the process (as does a
+where the op says so) with gradients off: training, and any forward with gradients on, keep the exact
+PyTorch ops. `LMSTACK_CPU_OPS=0` turns the fast path off for the process (as does a
 failed build), `with disabled():` for a block (tests and benchmarks compare both paths in one process).
 """
 
@@ -53,12 +53,12 @@ def disabled() -> Iterator[None]:
 
 
 def _ops(*tensors: Tensor):
-    """The extension when the fast path may serve these tensors: on the CPU, with no autograd history to
-    record (training keeps PyTorch's ops), not disabled; else None. Dtype, layout and shapes are checked
-    in C++, which returns None for what it does not take."""
-    if _disabled or not tensors[0].is_cpu:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    """The extension when the fast path may serve these tensors: on the CPU, with gradients off
+    (inference_mode / no_grad: generation, the engine, evaluation), not disabled; else None. Any forward
+    with gradients on keeps PyTorch's ops, so training numerics are exactly PyTorch's even where part
+    of the model is frozen. Dtype, layout and shapes are checked in C++, which returns None for what it
+    does not take."""
+    if _disabled or torch.is_grad_enabled() or not tensors[0].is_cpu:
         return None
     return extension()
 

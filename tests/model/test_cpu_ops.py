@@ -128,7 +128,9 @@ def test_ops_decline_what_they_do_not_take(ext):
         assert cpu_ops.rms_norm(leaf, weight, 1e-5) is not None
 
 
-@pytest.mark.parametrize(("B", "n_head", "n_kv_head", "hd", "L"), [(1, 9, 3, 64, 1), (2, 4, 4, 14, 37), (3, 6, 2, 6, 300)])
+@pytest.mark.parametrize(
+    ("B", "n_head", "n_kv_head", "hd", "L"), [(1, 9, 3, 64, 1), (2, 4, 4, 14, 37), (3, 6, 2, 6, 300)]
+)
 def test_decode_attention_equals_sdpa_over_cache_views(ext, B, n_head, n_kv_head, hd, L):
     """One query token per row over k/v seen through a longer cache (strided views, as KVCache.update
     returns them), grouped-query included, against SDPA."""

@@ -11,26 +11,57 @@ disconnect, task cancelled) aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from lmstack.engine.engine import EngineStats, LLMEngine, RequestOutput
 from lmstack.engine.sampling import SamplingParams
 
+T = TypeVar("T")
+
+# One thread runs every torch call of a serving process: model loading, engine steps, embeddings.
+# torch's CPU thread pool is OpenMP, which gives every thread that starts parallel work a team of its
+# own; with a second team there are more pool threads than cores, libgomp stops spinning between
+# parallel loops, and each loop waits for a sleeping thread to wake. Measured on 2 cores: a decode step
+# took 6.5 ms when loading and stepping shared one thread, 12.5 ms (single stream) once a second
+# thread had run torch work, and a 16-row step ~2x as long.
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-torch")
+_torch_thread_ident: list[int] = []
+
+
+def _on_torch_thread_now() -> bool:
+    if not _torch_thread_ident:
+        _torch_thread_ident.append(TORCH_THREAD.submit(threading.get_ident).result())
+    return threading.get_ident() == _torch_thread_ident[0]
+
+
+def on_torch_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) run on the process's torch thread (called from it, run in place); blocks."""
+    if _on_torch_thread_now():
+        return fn(*args, **kwargs)
+    return TORCH_THREAD.submit(fn, *args, **kwargs).result()
+
+
+async def run_on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Await fn(*args) on the process's torch thread without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(TORCH_THREAD, functools.partial(fn, *args))
+
 
 class AsyncEngine:
-    """Every engine call runs on one worker thread, so calls never race and the event loop never waits
-    on a lock while a step runs."""
+    """Every engine call runs on the process's torch thread (`TORCH_THREAD`, shared by all engines), so
+    calls never race and the event loop never waits on a lock while a step runs."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-engine")
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
 
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await run_on_torch_thread(fn, *args)
 
     async def submit(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -67,7 +98,7 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort on the engine thread (never blocks the caller; the blocks are freed before the next step)."""
-        self._executor.submit(self.engine.abort, request_id)
+        TORCH_THREAD.submit(self.engine.abort, request_id)
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics (counters read without waiting for the running step)."""
@@ -83,7 +114,6 @@ class AsyncEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
-        self._executor.shutdown(wait=False)
 
     # -- the stepping loop --------------------------------------------------------------------------
     def _ensure_loop(self) -> None:

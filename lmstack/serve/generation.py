@@ -8,7 +8,6 @@ a prompt over the context 413, anything else the user caused 400). Generation it
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from lmstack.engine import (
     QueueFullError,
     SamplingParams,
 )
-from lmstack.engine.async_engine import RequestStream
+from lmstack.engine.async_engine import RequestStream, on_torch_thread, run_on_torch_thread
 from lmstack.engine.sampling import TokenLogprob
 from lmstack.errors import LmstackError
 from lmstack.serve.errors import APIError, bad_request
@@ -103,7 +102,8 @@ class ServedModel:
 
     @classmethod
     def load(cls, name: str, ref: str, settings: EngineSettings, device: str = "auto", dtype: str | None = None):
-        return cls(name, LLMEngine.from_ref(ref, settings.config(device, dtype)))
+        # loaded on the torch thread that will step it (see lmstack.engine.async_engine.TORCH_THREAD)
+        return cls(name, on_torch_thread(LLMEngine.from_ref, ref, settings.config(device, dtype)))
 
     def sampling_params(self, kwargs: dict[str, Any]) -> SamplingParams:
         try:
@@ -192,7 +192,7 @@ class DecoderEmbedder:
             vocab = self.model.cfg.vocab_size
             if any(not 0 <= t < vocab for t in row):
                 raise bad_request(f"input[{i}] holds a token id outside the vocabulary (0..{vocab - 1})", param="input")
-        vectors = await asyncio.to_thread(self._embed, ids)
+        vectors = await run_on_torch_thread(self._embed, ids)
         return vectors, sum(len(r) for r in ids)
 
     @torch.inference_mode()
@@ -219,7 +219,7 @@ class EncoderEmbedder:
             if not isinstance(x, str):
                 raise bad_request(f"input[{i}]: the embedding model {self.name!r} takes text, not token ids", "input")
             texts.append(x)
-        vectors = await asyncio.to_thread(self.encoder.embed, texts)
+        vectors = await run_on_torch_thread(self.encoder.embed, texts)
         tokens = sum(len(e.ids) for e in self.encoder.tokenize(texts))
         return torch.from_numpy(vectors), tokens
 
@@ -231,4 +231,4 @@ def load_embedder(name: str, ref: str, device: str = "auto") -> EncoderEmbedder:
     from lmstack.hub import load_encoder
     from lmstack.utils.device import resolve_device
 
-    return EncoderEmbedder(name, load_encoder(ref, device=resolve_device(device)))
+    return EncoderEmbedder(name, on_torch_thread(load_encoder, ref, device=resolve_device(device)))

@@ -270,11 +270,6 @@ class Trainer:
             ckpt_io.load_optimizer_and_rng(self.model, self.optimizer, resume_from, ctx)
 
         self.amp_dtype = DTYPES[cfg.dtype]
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype != torch.float32
-            else contextlib.nullcontext()
-        )
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
@@ -416,6 +411,15 @@ class Trainer:
         return [[round(v, 4) for v in row] for row in loads] or None
 
     # -- the loop ----------------------------------------------------------------------------------
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """A fresh autocast context for each `with`: one `torch.autocast` object entered twice (nested, as
+        GRPO's rollouts inside a step are) saves the outer state over the inner one and leaves autocast
+        switched on after both exit, for everything the process runs next."""
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def checkpoint_state(self) -> dict[str, Any]:
         """What every checkpoint records beside the weights and optimizer (subclasses save through this)."""
         return {

@@ -121,11 +121,14 @@ def test_grpo_runs_through_the_engine_and_saves_an_adapter(base_dir, tmp_path):
 
 def test_grpo_runs_under_bf16_autocast(base_dir, tmp_path):
     """Rollouts under bf16 autocast hand the engine bf16 queries over its fp32 KV pool: the paged cache
-    takes its portable path for them instead of failing in the fp32 kernel."""
+    takes its portable path for them instead of failing in the fp32 kernel; and the nested autocast
+    leaves the process as it found it."""
     out = tmp_path / "grpo-bf16"
     reward = "tests.train.test_grpo:length_reward"
     summary = grpo(_config(base_dir, out, "max_steps=1", "eval_every=1", f"rewards=[{reward}]", "dtype=bfloat16"))
     assert summary["steps"] == 1 and (out / "checkpoint" / "adapter_config.json").is_file()
+    # rollouts enter autocast inside the step's autocast: it must be off again afterwards
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def test_bad_rewards_fail_before_training(base_dir, tmp_path):

@@ -42,7 +42,9 @@ def page_server(tokenizer_dir, tmp_path_factory):
     from lmstack.serve.generation import EngineSettings
     from lmstack.tokenizer import Tokenizer
 
-    model = save_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("long"), seed=2, max_seq_len=4096)
+    # a long context, so the second reply is still streaming when the test presses stop, however fast
+    # the machine decodes
+    model = save_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("long"), seed=2, max_seq_len=32768)
     endless = Tokenizer(
         Tokenizer.load(tokenizer_dir).backend,
         bos_token=None,
@@ -51,7 +53,7 @@ def page_server(tokenizer_dir, tmp_path_factory):
         chat_template=PLAIN_TEMPLATE,
     )
     save_model_dir(load_model_dir(model)[0], model, endless)
-    app = build_app(ServeOptions(models=[f"long={model}"], ab=[], engine=EngineSettings(kv_cache_mb=8)))
+    app = build_app(ServeOptions(models=[f"long={model}"], ab=[], engine=EngineSettings(kv_cache_mb=64)))
     with running_server(app) as url:
         yield url, app.state.lmstack.models["long"].engine
 
@@ -105,7 +107,7 @@ def test_chat_page_streams_and_stops(page_server, browser, tmp_path):
     assert "tokens/s" in find("#stats").text and find("#error").text == ""
 
     # Second turn: a long reply, streamed, then stopped.
-    set_field("#max_tokens", "3500")
+    set_field("#max_tokens", "30000")
     find("#input").send_keys("Tell me a long story", Keys.ENTER)
     reply = lambda: browser.execute_script(
         "return [...document.querySelectorAll('.assistant .content')].pop().textContent"

@@ -59,16 +59,22 @@ bool is_f32_contiguous(const Tensor& t) {
 
 constexpr int kLanes = 16;  // independent partial sums: the compiler turns them into vector registers
 
-LMS_CLONES void rms_norm_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t n,
-                             float eps) {
+// a . b over n floats, kLanes partial sums (RMSNorm's sum of squares, attention scores).
+LMS_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float partial[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) partial[j] += x[i + j] * x[i + j];
+    for (int j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
   }
-  for (; i < n; ++i) partial[i % kLanes] += x[i] * x[i];
+  for (; i < n; ++i) partial[i % kLanes] += a[i] * b[i];
   float sum = 0.f;
   for (int j = 0; j < kLanes; ++j) sum += partial[j];
+  return sum;
+}
+
+LMS_CLONES void rms_norm_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t n,
+                             float eps) {
+  const float sum = dot(x, x, n);
   const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
   for (int64_t k = 0; k < n; ++k) y[k] = x[k] * inv * w[k];
 }
@@ -247,18 +253,6 @@ std::optional<Tensor> silu_mul(const Tensor& gate_up) {
 // KVCache): q (B, H, 1, hd) contiguous, k/v (B, Hkv, L, hd) any strides but a unit last one (the cache's
 // views), GQA with H a multiple of Hkv. Two passes per head: scores and their max, then exp-weighted
 // values. SDPA's CPU kernel costs ~25 us here for a few thousand multiply-adds (SmolLM2: 30 per token).
-
-LMS_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float partial[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
-  }
-  for (; i < n; ++i) partial[i % kLanes] += a[i] * b[i];
-  float sum = 0.f;
-  for (int j = 0; j < kLanes; ++j) sum += partial[j];
-  return sum;
-}
 
 LMS_CLONES void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];

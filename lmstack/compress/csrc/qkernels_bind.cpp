@@ -62,9 +62,17 @@ void pick(int64_t isa, QuantizeFn* quantize, GemmFn* gemm) {
   *gemm = lmq::qgemm_rows_scalar;
 }
 
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
-                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
-                      int64_t bits, int64_t group, int64_t isa) {
+// The arguments both entry points take, checked once: shapes (M rows of K, N outputs), dtypes, and the
+// raw pointers to the optional mins and bias.
+struct QArgs {
+  int64_t M, K, N;
+  const uint16_t* mins;
+  const float* bias;
+};
+
+QArgs check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                 const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int64_t bits,
+                 int64_t group) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 && x.is_contiguous(), "x must be contiguous fp32 (..., K)");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = w.size(0);
@@ -86,6 +94,14 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
                 "bias must be contiguous fp32 (N)");
     bias_ptr = bias->data_ptr<float>();
   }
+  return {M, K, N, mins_ptr, bias_ptr};
+}
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
+                      int64_t bits, int64_t group, int64_t isa) {
+  const QArgs args = check_args(x, w, scales, mins, bias, bits, group);
+  const int64_t M = args.M, K = args.K, N = args.N;  // plain locals: lambdas below capture them
   QuantizeFn quantize;
   GemmFn gemm;
   pick(isa, &quantize, &gemm);
@@ -109,7 +125,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   });
 
   lmq::QGemm a{xq_ptr, xd_ptr, xg_ptr, M, K, N, reinterpret_cast<const uint8_t*>(w.data_ptr()),
-               reinterpret_cast<const uint16_t*>(scales.data_ptr()), mins_ptr, bias_ptr, y.data_ptr<float>(),
+               reinterpret_cast<const uint16_t*>(scales.data_ptr()), args.mins, args.bias, y.data_ptr<float>(),
                static_cast<int>(bits), static_cast<int>(group)};
   // Activation tiles of 64 rows keep their int8 copy (64 x K bytes) in L2 while every weight row streams by.
   // Each thread gets at least ~256k multiply-adds: waking a second thread for less (a k_proj at batch 1)
@@ -131,14 +147,8 @@ torch::Tensor qlinear_bf16(const torch::Tensor& x, const torch::Tensor& w, const
                            const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
                            int64_t bits, int64_t group) {
   TORCH_CHECK(bf16_supported(), "lmstack kernels: this CPU has no AVX-512 BF16");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 && x.is_contiguous(), "x must be contiguous fp32 (..., K)");
-  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.element_size() == 1, "packed weight must be contiguous int8/uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
-  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, N = w.size(0);
-  TORCH_CHECK(w.size(1) == (bits == 8 ? K : K / 2), "packed weight shape");
-  TORCH_CHECK(K % 32 == 0 && group % 32 == 0 && K % group == 0 && scales.numel() == N * (K / group),
-              "K and the group size must be multiples of 32, scales (N, K / group)");
-  const uint16_t* mins_ptr = mins.has_value() ? reinterpret_cast<const uint16_t*>(mins->data_ptr()) : nullptr;
+  const QArgs args = check_args(x, w, scales, mins, bias, bits, group);
+  const int64_t M = args.M, K = args.K, N = args.N;  // plain locals: lambdas below capture them
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   auto y = torch::empty({M, N}, x.options());
@@ -154,13 +164,13 @@ torch::Tensor qlinear_bf16(const torch::Tensor& x, const torch::Tensor& w, const
   for (int64_t n0 = 0; n0 < N; n0 += slab) {
     const int64_t n1 = std::min(N, n0 + slab);
     at::parallel_for(n0, n1, std::max<int64_t>(1, (1 << 15) / K), [&](int64_t begin, int64_t end) {
-      lmq::dequantize_rows_bf16(w_ptr, s_ptr, mins_ptr, K, static_cast<int>(bits), group, begin, end, n0, buffer);
+      lmq::dequantize_rows_bf16(w_ptr, s_ptr, args.mins, K, static_cast<int>(bits), group, begin, end, n0, buffer);
     });
     const auto weight = torch::from_blob(buffer, {n1 - n0, K}, x.options().dtype(torch::kBFloat16));
     y.narrow(1, n0, n1 - n0).copy_(at::matmul(xb, weight.t()));
   }
 #endif
-  if (bias.has_value()) y.add_(*bias);
+  if (args.bias != nullptr) y.add_(*bias);
   return y.view(out_shape);
 }
 
@@ -169,7 +179,7 @@ torch::Tensor qlinear_bf16(const torch::Tensor& x, const torch::Tensor& w, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lmstack fused dequantize-GEMV/GEMM kernels for int8 and int4 packed weights";
   m.def("qlinear", &qlinear, "y = x @ dequant(W).T + bias with activations quantized per 32 (Q8_0 style)");
-  m.def("bf16_supported", &bf16_supported, "whether this CPU has AVX-512 BF16 (dequantize_bf16 runs)");
+  m.def("bf16_supported", &bf16_supported, "whether this CPU has AVX-512 BF16 (qlinear_bf16 runs)");
   m.def("qlinear_bf16", &qlinear_bf16, "y = x @ dequant(W).T + bias as bf16 GEMMs over dequantized weight slabs");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs: 0 scalar, 1 avx2, 2 avx512-vnni");
 }

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.config import ModelConfig
@@ -45,23 +44,23 @@ class TrainingCache:
         # within their documents through `attend` (lmstack.peft.document_attention) instead of SDPA.
         self.document_attention = False
         self._documents: DocumentLayout | None = None
-        self._mask: Tensor | None = None
 
     @property
     def attend(self) -> Callable[[int, Tensor, Tensor, Tensor], Tensor] | None:
-        """Seam 2's optional attention owner: the document path when enabled, under CPU autocast, with
-        documents to cut (no prefix positions); None leaves attention to the model's SDPA."""
+        """Seam 2's optional attention owner: the document path when enabled, under CPU bf16/fp16 autocast
+        (so q, k, v arrive in that dtype on the CPU), with documents to cut (no prefix positions) and fewer
+        score pairs than the rows' (`DocumentLayout.worth_it`); None leaves attention to the model's SDPA."""
         usable = self.document_attention and self.document_ids is not None and not self.prefix
-        return self._attend_documents if usable and torch.is_autocast_enabled("cpu") else None
+        if not usable or not torch.is_autocast_enabled("cpu"):
+            return None
+        if torch.get_autocast_dtype("cpu") not in (torch.bfloat16, torch.float16):
+            return None
+        if self._documents is None:
+            self._documents = DocumentLayout.of(self.document_ids)
+        return self._attend_documents if self._documents.worth_it(*self.document_ids.shape) else None
 
     def _attend_documents(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        B, _, T, _ = q.shape
-        if self._documents is None:
-            self._documents = DocumentLayout.of(self.document_ids.to(q.device))
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and self._documents.worth_it(B, T):
-            return document_attention(q, k, v, self._documents)
-        # What the model runs itself (this path is only enabled without attention dropout).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=k.shape[1] != q.shape[1])
+        return document_attention(q, k, v, self._documents)
 
     @property
     def n_prefix(self) -> int:
@@ -78,7 +77,6 @@ class TrainingCache:
         mask = ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         if n:
             mask = torch.cat([mask.new_ones(mask.shape[0], 1, T, n), mask], dim=-1)
-        self._mask = mask
         return self.positions.to(device) + n, self.max_position + n, mask
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

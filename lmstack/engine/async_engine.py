@@ -28,19 +28,15 @@ T = TypeVar("T")
 # parallel loops, and each loop waits for a sleeping thread to wake. Measured on 2 cores: a decode step
 # took 6.5 ms when loading and stepping shared one thread, 12.5 ms (single stream) once a second
 # thread had run torch work, and a 16-row step ~2x as long.
-TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-torch")
-_torch_thread_ident: list[int] = []
-
-
-def _on_torch_thread_now() -> bool:
-    if not _torch_thread_ident:
-        _torch_thread_ident.append(TORCH_THREAD.submit(threading.get_ident).result())
-    return threading.get_ident() == _torch_thread_ident[0]
+_thread = threading.local()  # `is_torch` set on the torch thread as it starts
+TORCH_THREAD = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="lmstack-torch", initializer=lambda: setattr(_thread, "is_torch", True)
+)
 
 
 def on_torch_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """fn(*args, **kwargs) run on the process's torch thread (called from it, run in place); blocks."""
-    if _on_torch_thread_now():
+    if getattr(_thread, "is_torch", False):
         return fn(*args, **kwargs)
     return TORCH_THREAD.submit(fn, *args, **kwargs).result()
 

@@ -19,13 +19,12 @@ barely moves the figures (as in decode_speed.py).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
-import time
 
 import torch
+from decode_speed import CLOCKS, PROMPT, decode_arguments, decode_rate  # the sibling benchmark in benchmarks/
 from torch.profiler import ProfilerActivity, profile
 
 from lmstack.engine.generate import SamplingParams, generate_tokens
@@ -33,15 +32,8 @@ from lmstack.hub import load_model
 from lmstack.model import cpu_ops
 from lmstack.model.transformer import fuse_for_inference
 
-PROMPT = "Write a short paragraph about why the sky is blue."
 PATHS = {"fused CPU ops": contextlib.nullcontext, "PyTorch ops": cpu_ops.disabled}
 PEER = "PyTorch ops"
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def decode_rate(times: list[float]) -> float:
-    """Tokens per second between the first and the last generated token."""
-    return (len(times) - 1) / (times[-1] - times[0])
 
 
 def profile_per_token(run, tokens: int, top: int) -> tuple[float, list[tuple[str, float, float]]]:
@@ -55,13 +47,8 @@ def profile_per_token(run, tokens: int, top: int) -> tuple[float, list[tuple[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = decode_arguments(__doc__)
     parser.add_argument("--profile", action="store_true", help="also print the profiler's per-token op time")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (--threads 1)")
     args = parser.parse_args()
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)

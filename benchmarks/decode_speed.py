@@ -240,16 +240,22 @@ def decode_rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every single-stream decode benchmark takes (this one and cpu_ops_speed.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (with --threads 1)"
     )
+    return parser
+
+
+def main() -> None:
+    parser = decode_arguments(__doc__)
+    parser.add_argument("--rows", nargs="*", help="names of rows to run (default: all)")
     args = parser.parse_args()
     global _clock
     _clock = CLOCKS[args.clock]

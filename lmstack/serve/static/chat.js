@@ -131,6 +131,7 @@ async function send(text) {
   const content = div.querySelector(".content");
   let reply = "";
   let pieces = 0;
+  let scrollQueued = false;
   let usageTokens = null;
   const startAt = performance.now();
   let firstAt = null;
@@ -154,8 +155,16 @@ async function send(text) {
         if (firstAt === null) firstAt = performance.now();
         pieces += 1;
         reply += piece;
-        content.textContent = reply;
-        div.scrollIntoView({ block: "end" });
+        // Append the piece as a text node and scroll at most once a frame: re-setting the whole reply per
+        // chunk is quadratic in its length, and a fast server streaming thousands of chunks froze the page.
+        content.append(piece);
+        if (!scrollQueued) {
+          scrollQueued = true;
+          requestAnimationFrame(() => {
+            scrollQueued = false;
+            div.scrollIntoView({ block: "end" });
+          });
+        }
       }
       showStats(usageTokens ?? pieces, firstAt, performance.now(), startAt, false);
     });

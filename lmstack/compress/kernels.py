@@ -54,7 +54,8 @@ def available_isas() -> list[str]:
 
 
 @functools.cache
-def _isa_from_env(value: str) -> int | None:
+def _isa_from_env(raw: str) -> int | None:
+    value = raw.strip().lower() or "auto"
     if value == "torch":
         return None
     available = available_isas()
@@ -67,9 +68,22 @@ def _isa_from_env(value: str) -> int | None:
     return ISAS[value]
 
 
+_choice: list[int | None] = []  # the ISA chosen at the first call; `reset_choice` empties it
+
+
 def selected_isa() -> int | None:
-    """The ISA code the kernels use now, or None for the plain PyTorch path."""
-    return _isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto")
+    """The ISA code the kernels use, or None for the plain PyTorch path. LMSTACK_KERNELS is read once, at
+    the first call in the process: this runs on every quantized layer call (~120 a decode step), and
+    reading the environment each time cost more than the rest of the Python around the kernel."""
+    if not _choice:
+        _choice.append(_isa_from_env(os.environ.get(ENV, "auto")))
+    return _choice[0]
+
+
+def reset_choice() -> None:
+    """Forget the ISA choice so the next call reads LMSTACK_KERNELS again (tests that change it)."""
+    _choice.clear()
+    _isa_from_env.cache_clear()
 
 
 @functools.cache
@@ -95,11 +109,9 @@ def uses_bf16_gemm(rows: int, isa: int) -> bool:
 def kernel_for(x: torch.Tensor, in_features: int, group_size: int) -> int | None:
     """The ISA code to run this call with, or None when the fused kernel cannot run it (not on the CPU,
     autograd through the input, shapes not in whole 32-column blocks, or the torch path chosen)."""
-    if not x.is_cpu or in_features % BLOCK or group_size % BLOCK:
+    if not x.is_cpu or in_features % BLOCK or group_size % BLOCK or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    if x.requires_grad and torch.is_grad_enabled():
-        return None
-    return selected_isa()
+    return _choice[0] if _choice else selected_isa()
 
 
 def qlinear(
@@ -119,7 +131,8 @@ def qlinear(
         return y.to(x.dtype)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    if uses_bf16_gemm(x.numel() // x.shape[-1], isa):
+    rows = x.numel() // x.shape[-1]
+    if rows >= BF16_MIN_ROWS and uses_bf16_gemm(rows, isa):
         return extension().qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
     return extension().qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
 

@@ -98,3 +98,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     (B, n_head, 1, head_dim); or None."""
     ext = _ops(q)
     return None if ext is None else ext.decode_attention(q, k, v)
+
+
+def decode_attention_cached(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, past: int
+) -> Tensor | None:
+    """`decode_attention` of this step's one token per row, k/v (B, n_kv_head, 1, head_dim), that first
+    stores k/v at position `past` of the caches (B, n_kv_head, max_len, head_dim) and then attends over
+    positions 0..past; or None, having stored nothing."""
+    ext = _ops(q)
+    return None if ext is None else ext.decode_attention(q, k, v, k_cache, v_cache, past)

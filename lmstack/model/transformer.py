@@ -15,6 +15,7 @@ the engine's `PagedKVCache` for ragged batches. No second copy of attention exis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +36,9 @@ class Cache(Protocol):
     row its own length and block table. Both go through the same `Attention`. A cache may
     also offer `attend(layer, q, k, v) -> y (B, n_head, T, head_dim)`; `Attention` then hands it the
     whole step (store k/v and attend) instead of `update` + SDPA, and `layout`'s mask goes unused:
-    `PagedKVCache` does, to read keys where they lie in its block pool (so does SFT's TrainingCache).
+    `PagedKVCache` does, to read keys where they lie in its block pool (so does SFT's TrainingCache,
+    and `KVCache` for single-token decode steps). `attend` may be None, or return None having stored
+    nothing, to leave a step to `update` + SDPA.
     """
 
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
@@ -63,6 +66,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.positions = torch.arange(max_len, device=device)  # sliced per step: no allocation while decoding
+        # Whether this step is one token per row with no padding mask (`layout` sets it, a key_mask
+        # clears it): `attend` then stores and attends in one fused CPU op.
+        self.token_step = False
 
     def _check_room(self, end: int) -> None:
         if end > self.max_len:
@@ -81,9 +87,20 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    @property
+    def attend(self) -> Callable[[int, Tensor, Tensor, Tensor], Tensor | None] | None:
+        """Seam 2's attention owner for single-token steps: `cpu_ops.decode_attention_cached` stores k/v
+        and attends in one call, instead of two slice copies, two slices and the attention op per layer
+        (about a third of a SmolLM2 decode step's non-matmul time on the CPU). None for other steps."""
+        return self._attend_token if self.token_step else None
+
+    def _attend_token(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        return cpu_ops.decode_attention_cached(q, k, v, self.k[layer], self.v[layer], self.length)
+
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
         past = self.length
         self._check_room(past + T)
+        self.token_step = T == 1
         return self.positions[past : past + T], past + T - 1, attention_mask(T, past, None, device)
 
     def extend(self, n: int) -> None:
@@ -242,9 +259,10 @@ class Attention(nn.Module):
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attend = getattr(cache, "attend", None)  # a cache may own attention (engine's paged kernel)
-        if attend is not None:
-            y = attend(self.layer, q, k, v)  # (B, n_head, T, head_dim): stores k/v, attends each row causally
-        else:
+        # (B, n_head, T, head_dim): stores k/v and attends each row causally; None: nothing stored, the
+        # cache leaves this step to update + SDPA below
+        y = None if attend is None else attend(self.layer, q, k, v)
+        if y is None:
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)  # (B, n_kv_head, L, head_dim), L = past + T
             y = self._attention(q, k, v, mask, cached=cache is not None)
@@ -399,6 +417,8 @@ class Transformer(nn.Module):
             if cache is not None and not isinstance(cache, KVCache):
                 raise LmstackError("key_mask works with a contiguous KVCache; a paged cache masks its own rows")
             mask = attention_mask(T, cache.length if cache is not None else 0, key_mask, device)
+            if cache is not None:
+                cache.token_step = False  # the fused single-token attention knows no padding
         if max_position >= cfg.max_seq_len and cfg.family == "gpt2":
             raise LmstackError(
                 f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; shorten the input"

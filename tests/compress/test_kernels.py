@@ -14,7 +14,18 @@ from lmstack.errors import LmstackError
 PATHS = kernels.available_isas()
 # (batch rows M, in K, out N): odd N and M, K an odd number of 32-blocks, and M spanning the 4-row tiles
 # and the 64-row activation tiles of the GEMM path.
-SHAPES = [(1, 32, 1), (1, 96, 37), (2, 128, 9), (3, 160, 19), (5, 576, 67), (16, 96, 11), (66, 64, 5)]
+# K = 800 is three 8-block chunks and an odd block (int4 pairs blocks, so an unpaired one must work too).
+SHAPES = [
+    (1, 32, 1),
+    (1, 96, 37),
+    (2, 128, 9),
+    (3, 160, 19),
+    (5, 576, 67),
+    (1, 800, 7),
+    (4, 1024, 5),
+    (16, 96, 11),
+    (66, 64, 5),
+]
 
 
 def _modules(k: int, n: int) -> dict[str, nn.Module]:
@@ -29,6 +40,9 @@ def _modules(k: int, n: int) -> dict[str, nn.Module]:
     }
     if k % 64 == 0:
         mods["int4 g64 asym"] = Int4Linear.from_float(lin, 64, symmetric=False)
+    if k % 128 == 0:
+        mods["int4 g128 sym"] = Int4Linear.from_float(lin, 128, symmetric=True)
+        mods["int8 g128"] = Int8Linear.from_float(lin, group_size=128)
     return mods
 
 
@@ -101,36 +115,44 @@ def test_module_forward_uses_kernel_for_any_leading_shape_and_dtype():
     assert q(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_torch_fallback_when_forced(monkeypatch):
+@pytest.fixture
+def fresh_choice():
+    """LMSTACK_KERNELS is read once per process: forget the choice before and after the test."""
+    kernels.reset_choice()
+    yield
+    kernels.reset_choice()
+
+
+def test_torch_fallback_when_forced(monkeypatch, fresh_choice):
     q = Int8Linear.from_float(nn.Linear(64, 8))
     x = torch.randn(4, 64)
     monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels.kernel_for(x, 64, 32) is None
     torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
 
 
-def test_gradient_to_input_goes_through_the_reference_path():
-    q = Int4Linear.from_float(nn.Linear(64, 8), 32)
-    x = torch.randn(4, 64, requires_grad=True)
-    q(x).sum().backward()
-    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(4, 64))
+def test_the_kernel_choice_is_read_once(monkeypatch, fresh_choice):
+    monkeypatch.setenv(kernels.ENV, "scalar")
+    assert kernels.selected_isa() == kernels.ISAS["scalar"]
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels.selected_isa() == kernels.ISAS["scalar"]
+    kernels.reset_choice()
+    assert kernels.selected_isa() is None
 
 
-def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
+def test_unknown_kernel_choice_is_a_clear_error(monkeypatch, fresh_choice):
     monkeypatch.setenv(kernels.ENV, "sse9")
     with pytest.raises(LmstackError, match="not a kernel choice"):
         kernels.selected_isa()
 
 
-def test_without_the_extension_layers_run_through_torch(monkeypatch):
+def test_without_the_extension_layers_run_through_torch(monkeypatch, fresh_choice):
     q = Int4Linear.from_float(nn.Linear(64, 8), 32, symmetric=False)
     x = torch.randn(3, 64)
     monkeypatch.setattr(kernels, "extension", lambda: None)
-    kernels._isa_from_env.cache_clear()
-    try:
-        assert kernels.available_isas() == [] and kernels.selected_isa() is None
-        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
-    finally:
-        kernels._isa_from_env.cache_clear()
+    kernels.reset_choice()
+    assert kernels.available_isas() == [] and kernels.selected_isa() is None
+    torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
 
 
 def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):

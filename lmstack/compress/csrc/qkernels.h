@@ -31,11 +31,12 @@ struct QGemm {
 };
 
 // One pair per instruction set; the caller (qkernels_bind.cpp) splits the work over threads:
-//   quantize_rows: activation rows [m_begin, m_end) -> xq, xd, xg;
+//   quantize_rows: activation rows [m_begin, m_end) -> xq, xd, xg, xq laid out as that ISA's qgemm_rows
+//                  reads it for weights of `bits` (so only a pair from one ISA goes together);
 //   qgemm_rows:    output columns [n_begin, n_end) for activation rows [m_begin, m_end).
 #define LMQ_DECLARE(isa)                                                                                     \
-  void quantize_rows_##isa(const float* x, int64_t K, int64_t group, int64_t m_begin, int64_t m_end, int8_t* xq, \
-                           float* xd, float* xg);                                                            \
+  void quantize_rows_##isa(const float* x, int64_t K, int64_t group, int bits, int64_t m_begin, int64_t m_end,  \
+                           int8_t* xq, float* xd, float* xg);                                                \
   void qgemm_rows_##isa(const QGemm& a, int64_t n_begin, int64_t n_end, int64_t m_begin, int64_t m_end);
 LMQ_DECLARE(scalar)
 #if defined(__x86_64__) || defined(_M_X64)

@@ -41,7 +41,7 @@ std::vector<int64_t> supported_isas() {
   return out;
 }
 
-using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int8_t*, float*, float*);
+using QuantizeFn = void (*)(const float*, int64_t, int64_t, int, int64_t, int64_t, int8_t*, float*, float*);
 using GemmFn = void (*)(const lmq::QGemm&, int64_t, int64_t, int64_t, int64_t);
 
 void pick(int64_t isa, QuantizeFn* quantize, GemmFn* gemm) {
@@ -121,7 +121,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   float* xd_ptr = xd.data();
   float* xg_ptr = xg.data();
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-    quantize(x_ptr, K, group, begin, end, xq_ptr, xd_ptr, xg_ptr);
+    quantize(x_ptr, K, group, static_cast<int>(bits), begin, end, xq_ptr, xd_ptr, xg_ptr);
   });
 
   lmq::QGemm a{xq_ptr, xd_ptr, xg_ptr, M, K, N, reinterpret_cast<const uint8_t*>(w.data_ptr()),

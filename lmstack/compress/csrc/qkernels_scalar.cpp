@@ -33,8 +33,9 @@ float half_to_float(uint16_t h) {
 
 }  // namespace
 
-void quantize_rows_scalar(const float* x, int64_t K, int64_t group, int64_t m_begin, int64_t m_end, int8_t* xq,
-                          float* xd, float* xg) {
+// xq in natural column order whatever `bits` (qgemm_rows_scalar reads it so).
+void quantize_rows_scalar(const float* x, int64_t K, int64_t group, int /*bits*/, int64_t m_begin, int64_t m_end,
+                          int8_t* xq, float* xd, float* xg) {
   const int64_t nb = K / 32, blocks_per_group = group / 32;
   for (int64_t m = m_begin; m < m_end; ++m) {
     for (int64_t b = 0; b < nb; ++b) {

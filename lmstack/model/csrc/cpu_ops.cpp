@@ -57,18 +57,34 @@ bool is_f32_contiguous(const Tensor& t) {
 // ---------------------------------------------------------------------------------------------------
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, per row.
 
-constexpr int kLanes = 16;  // independent partial sums: the compiler turns them into vector registers
+constexpr int kLanes = 16;  // independent partial sums, two 8-float vectors
 
-// a . b over n floats, kLanes partial sums (RMSNorm's sum of squares, attention scores).
-LMS_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float partial[kLanes] = {};
+// Eight floats as one vector (GCC/Clang vector extension): AVX in the avx2 clone, two SSE halves in the
+// baseline, the same lane-wise arithmetic in both. Plain loops that GCC vectorises on their own stop
+// vectorising once inlined into a loop nest (the attention below ran scalar that way).
+typedef float Float8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+__attribute__((always_inline)) inline void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof v); }
+
+// a . b over n floats: kLanes partial sums (two vectors), added as a tree, then any tail (RMSNorm's sum
+// of squares, attention scores). Inlined into its LMS_CLONES callers, so each
+// clone gets its own vector code and no call per dot product.
+__attribute__((always_inline)) inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  Float8 lo = {}, hi = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
+    lo += load8(a + i) * load8(b + i);
+    hi += load8(a + i + 8) * load8(b + i + 8);
   }
-  for (; i < n; ++i) partial[i % kLanes] += a[i] * b[i];
-  float sum = 0.f;
-  for (int j = 0; j < kLanes; ++j) sum += partial[j];
+  const Float8 v = lo + hi;
+  float sum = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
@@ -194,7 +210,7 @@ std::optional<Tensor> rope(const Tensor& x, const Tensor& cos, const Tensor& sin
 // n = round(x / ln 2) and |r| <= ln 2 / 2. Written with arithmetic only (the round-to-nearest through
 // the 1.5 * 2^23 shift, the 2^n through the exponent bits), so the loop around it vectorises, which a
 // call to std::exp would not. The caller clamps x into the range (2^n then stays a normal float).
-inline float exp_in_range(float x) {
+__attribute__((always_inline)) inline float exp_in_range(float x) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kShift = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * kLog2e + kShift) - kShift;
@@ -250,12 +266,12 @@ std::optional<Tensor> silu_mul(const Tensor& gate_up) {
 
 // ---------------------------------------------------------------------------------------------------
 // Attention of one new token per row over its cached keys (single-stream decode with the contiguous
-// KVCache): q (B, H, 1, hd) contiguous, k/v (B, Hkv, L, hd) any strides but a unit last one (the cache's
-// views), GQA with H a multiple of Hkv. Two passes per head: scores and their max, then exp-weighted
-// values. SDPA's CPU kernel costs ~25 us here for a few thousand multiply-adds (SmolLM2: 30 per token).
+// KVCache). Two passes per head: scores and their max, then exp-weighted values.
 
-LMS_CLONES void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+__attribute__((always_inline)) inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + a * load8(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 LMS_CLONES LMS_NO_TRAPS void exp_shifted(float* __restrict s, float shift, int64_t n) {
@@ -265,45 +281,86 @@ LMS_CLONES LMS_NO_TRAPS void exp_shifted(float* __restrict s, float shift, int64
   }
 }
 
-std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+// The query heads [h0, h0 + group) sharing one kv head over its L keys/values (rows kstride / vstride
+// floats apart): scores of every head in one pass over K, then each head's softmax-weighted values.
+// One function per clone with dot and axpy inlined: a call per key (dot / axpy through the clones'
+// dispatch) cost more than the 64 multiply-adds it ran.
+LMS_CLONES void attend_kv_head(const float* __restrict q, int64_t group, const float* __restrict k, int64_t kstride,
+                               const float* __restrict v, int64_t vstride, int64_t L, int64_t hd, float scale,
+                               float* __restrict scores, float* __restrict y) {
+  for (int64_t j = 0; j < L; ++j) {
+    for (int64_t h = 0; h < group; ++h) scores[h * L + j] = dot(q + h * hd, k + j * kstride, hd) * scale;
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* s = scores + h * L;
+    float best = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) best = s[j] > best ? s[j] : best;
+    exp_shifted(s, best, L);
+    float total = 0.f;
+    for (int64_t j = 0; j < L; ++j) total += s[j];
+    const float inv = 1.f / total;
+    float* out = y + h * hd;
+    std::memset(out, 0, hd * sizeof(float));
+    for (int64_t j = 0; j < L; ++j) axpy(s[j] * inv, v + j * vstride, out, hd);
+  }
+}
+
+bool is_f32_heads(const Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1;
+}
+
+// Attention of one new token per row over its cached keys: q (B, H, 1, hd) contiguous, GQA with H a
+// multiple of Hkv. Either k/v (B, Hkv, L, hd) are all the keys (any strides but a unit last one: the
+// cache's views), or, with k_cache / v_cache (B, Hkv, max_len, hd) given, k/v are this token's (B, Hkv,
+// 1, hd): they are written at position `past` first and the op attends over positions 0..past (the
+// contiguous KVCache's whole decode step in one call, no slicing or copy ops). Nothing is written
+// unless the op runs. SDPA's CPU kernel costs ~25 us here for a few thousand multiply-adds.
+std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const std::optional<Tensor>& k_cache, const std::optional<Tensor>& v_cache,
+                                       int64_t past) {
   RECORD_FUNCTION("lmstack::decode_attention", std::vector<c10::IValue>());
   if (!is_f32_contiguous(q) || q.dim() != 4 || q.size(2) != 1) return std::nullopt;
-  for (const Tensor* t : {&k, &v}) {
-    if (!t->device().is_cpu() || t->scalar_type() != at::kFloat || t->dim() != 4 || t->stride(3) != 1)
+  if (!is_f32_heads(k) || !is_f32_heads(v) || k.sizes() != v.sizes()) return std::nullopt;
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1);
+  if (k.size(0) != B || k.size(3) != hd || Hkv == 0 || H % Hkv != 0 || k.size(2) == 0) return std::nullopt;
+  const Tensor* keys = &k;
+  const Tensor* values = &v;
+  int64_t L = k.size(2);
+  if (k_cache.has_value() != v_cache.has_value()) return std::nullopt;
+  if (k_cache.has_value()) {
+    const Tensor &kc = *k_cache, &vc = *v_cache;
+    if (!is_f32_heads(kc) || !is_f32_heads(vc) || kc.sizes() != vc.sizes() || L != 1) return std::nullopt;
+    if (kc.size(0) != B || kc.size(1) != Hkv || kc.size(3) != hd || past < 0 || past >= kc.size(2))
       return std::nullopt;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t g = 0; g < Hkv; ++g) {
+        std::memcpy(kc.data_ptr<float>() + b * kc.stride(0) + g * kc.stride(1) + past * kc.stride(2),
+                    k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1), hd * sizeof(float));
+        std::memcpy(vc.data_ptr<float>() + b * vc.stride(0) + g * vc.stride(1) + past * vc.stride(2),
+                    v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), hd * sizeof(float));
+      }
+    }
+    keys = &kc;
+    values = &vc;
+    L = past + 1;
   }
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1), L = k.size(2);
-  if (k.sizes() != v.sizes() || k.size(0) != B || k.size(3) != hd || Hkv == 0 || H % Hkv != 0 || L == 0)
-    return std::nullopt;
   const int64_t group = H / Hkv;
   Tensor out = at::empty({B, 1, H, hd}, q.options());  // returned as (B, H, 1, hd): the caller's transpose is free
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const float* kp = keys->data_ptr<float>();
+  const float* vp = values->data_ptr<float>();
+  const int64_t ks0 = keys->stride(0), ks1 = keys->stride(1), ks2 = keys->stride(2);
+  const int64_t vs0 = values->stride(0), vs1 = values->stride(1), vs2 = values->stride(2);
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t work = group * L * hd * 2;  // multiply-adds per (row, kv head) task
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, kGrainFloats * 4 / std::max<int64_t>(1, work)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(L);
+    std::vector<float> scores(group * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
-      const float* kh = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vh = vp + b * v.stride(0) + g * v.stride(1);
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        const float* qh = qp + (b * H + h) * hd;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) {
-          scores[j] = dot(qh, kh + j * k.stride(2), hd) * scale;
-          best = scores[j] > best ? scores[j] : best;
-        }
-        exp_shifted(scores.data(), best, L);
-        float total = 0.f;
-        for (int64_t j = 0; j < L; ++j) total += scores[j];
-        float* y = op + (b * H + h) * hd;
-        std::memset(y, 0, hd * sizeof(float));
-        for (int64_t j = 0; j < L; ++j) axpy(scores[j] / total, vh + j * v.stride(2), y, hd);
-      }
+      attend_kv_head(qp + (b * H + g * group) * hd, group, kp + b * ks0 + g * ks1, ks2, vp + b * vs0 + g * vs1, vs2,
+                     L, hd, scale, scores.data(), op + (b * H + g * group) * hd);
     }
   });
   return out.transpose(1, 2);
@@ -318,7 +375,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("cos"), py::arg("signed_sin"), py::arg("n_head"), py::arg("n_kv_head"));
   m.def("rope", &rope, "RoPE over (B, H, T, hd) heads into a contiguous copy, or None", py::arg("x"),
         py::arg("cos"), py::arg("signed_sin"));
-  m.def("decode_attention", &decode_attention, "one query token per row over cached keys/values (GQA), or None",
-        py::arg("q"), py::arg("k"), py::arg("v"));
+  m.def("decode_attention", &decode_attention,
+        "one query token per row over cached keys/values (GQA), storing k/v at `past` first when the caches "
+        "are given; or None",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(),
+        py::arg("past") = 0);
   m.def("silu_mul", &silu_mul, "silu(gate) * up over the halves of the last dim, or None", py::arg("gate_up"));
 }

@@ -129,7 +129,9 @@ def test_ops_decline_what_they_do_not_take(ext):
 
 
 @pytest.mark.parametrize(
-    ("B", "n_head", "n_kv_head", "hd", "L"), [(1, 9, 3, 64, 1), (2, 4, 4, 14, 37), (3, 6, 2, 6, 300)]
+    ("B", "n_head", "n_kv_head", "hd", "L"),
+    # head sizes 32, 64 and 128 take the register-held path, others the general loops
+    [(1, 9, 3, 64, 1), (2, 9, 3, 64, 129), (1, 4, 2, 32, 40), (2, 2, 1, 128, 70), (2, 4, 4, 14, 37), (3, 6, 2, 6, 300)],
 )
 def test_decode_attention_equals_sdpa_over_cache_views(ext, B, n_head, n_kv_head, hd, L):
     """One query token per row over k/v seen through a longer cache (strided views, as KVCache.update
@@ -145,6 +147,27 @@ def test_decode_attention_equals_sdpa_over_cache_views(ext, B, n_head, n_kv_head
     assert ext.decode_attention(q, k, v) is not None
     assert ext.decode_attention(torch.randn(B, n_head, 2, hd), k, v) is None  # more than one query token
     assert ext.decode_attention(q.double(), k.double(), v.double()) is None
+
+
+@pytest.mark.parametrize("hd", [64, 20])
+def test_decode_attention_stores_the_token_then_attends_over_the_cache(ext, hd):
+    """With the caches given, the op writes this token's k/v at `past` and attends over 0..past, as
+    KVCache.update + SDPA would; where it declines it writes nothing."""
+    torch.manual_seed(hd)
+    B, n_head, n_kv_head, past, max_len = 2, 6, 2, 17, 24
+    k_cache, v_cache = torch.randn(B, n_kv_head, max_len, hd), torch.randn(B, n_kv_head, max_len, hd)
+    q, k, v = torch.randn(B, n_head, 1, hd), torch.randn(B, n_kv_head, 1, hd), torch.randn(B, n_kv_head, 1, hd)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k[:, :, past : past + 1], expected_v[:, :, past : past + 1] = k, v
+    ref = F.scaled_dot_product_attention(q, expected_k[:, :, : past + 1], expected_v[:, :, : past + 1], enable_gqa=True)
+    y = ext.decode_attention(q, k, v, k_cache, v_cache, past)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    before = k_cache.clone()
+    assert ext.decode_attention(q, k, v, k_cache, v_cache, max_len) is None  # no room at max_len
+    assert ext.decode_attention(q, k.double(), v.double(), k_cache, v_cache, 3) is None
+    assert ext.decode_attention(q, torch.randn(B, n_kv_head, 2, hd), v, k_cache, v_cache, 3) is None  # 2 tokens
+    assert torch.equal(k_cache, before)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])

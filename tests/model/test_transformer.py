@@ -57,6 +57,23 @@ def test_left_padding_with_key_mask_matches_unpadded():
     assert not torch.isnan(model(padded, positions=positions, key_mask=key_mask).logits).any()
 
 
+def test_left_padded_decode_step_through_kv_cache_respects_the_key_mask():
+    """A one-token step with a padding mask must not take KVCache's fused single-token attention (which
+    attends to every cached position): the padded row's next logits equal the unpadded row's."""
+    model = tiny().eval()
+    seq = torch.randint(0, 512, (1, 13))
+    pad = 4
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), seq[:, :12]], dim=1)
+    key_mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 13, dtype=torch.bool)], dim=1)
+    positions = torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(13)])[None]
+    with torch.inference_mode():
+        cache = KVCache(model.cfg, 1, 32, "cpu", torch.float32)
+        model(padded, positions=positions[:, :-1], key_mask=key_mask[:, :-1], cache=cache)
+        step = model(seq[:, 12:], positions=positions[:, -1:], key_mask=key_mask, cache=cache).logits
+        reference = model(seq).logits[:, -1:]
+    torch.testing.assert_close(step, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """A GQA model equals an MHA model whose k/v heads are the GQA heads repeated."""
     gqa = tiny(n_head=4, n_kv_head=2)

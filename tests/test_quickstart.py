@@ -12,7 +12,8 @@ from lmstack.quickstart import quickstart
 
 @pytest.mark.slow
 def test_quickstart_leaves_a_complete_run_that_learned(tmp_path, capsys, unigram_baseline):
-    summary = quickstart(tmp_path, minutes=0.75)
+    # A time budget: 0.75 minutes missed the margin by 0.001 on a slow 2-core VM (Zen 3, 2026-12-07).
+    summary = quickstart(tmp_path, minutes=1.5)
     run = tmp_path / "run"
     for name in ("loss.png", "report.html", "metrics.jsonl", "config.yaml", "checkpoint/model.safetensors"):
         assert (run / name).is_file(), name

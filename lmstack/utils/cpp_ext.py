@@ -38,6 +38,9 @@ def build(name: str, csrc: Path, sources: list[str], headers: list[str], what: s
         digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(FLAGS).encode())
+    # The build files name the sources by absolute path: two checkouts sharing one cache entry would
+    # make ninja rebuild (about a minute) every time the other one ran.
+    digest.update(str(csrc.resolve()).encode())
     key = digest.hexdigest()[:16]
     directory = cache_dir(key)
     directory.mkdir(parents=True, exist_ok=True)

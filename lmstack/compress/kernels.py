@@ -53,7 +53,6 @@ def available_isas() -> list[str]:
     return [name for name, code in ISAS.items() if code in codes]
 
 
-@functools.cache
 def _isa_from_env(raw: str) -> int | None:
     value = raw.strip().lower() or "auto"
     if value == "torch":
@@ -83,7 +82,6 @@ def selected_isa() -> int | None:
 def reset_choice() -> None:
     """Forget the ISA choice so the next call reads LMSTACK_KERNELS again (tests that change it)."""
     _choice.clear()
-    _isa_from_env.cache_clear()
 
 
 @functools.cache
@@ -111,7 +109,7 @@ def kernel_for(x: torch.Tensor, in_features: int, group_size: int) -> int | None
     autograd through the input, shapes not in whole 32-column blocks, or the torch path chosen)."""
     if not x.is_cpu or in_features % BLOCK or group_size % BLOCK or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    return _choice[0] if _choice else selected_isa()
+    return selected_isa()
 
 
 def qlinear(
@@ -131,8 +129,7 @@ def qlinear(
         return y.to(x.dtype)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    rows = x.numel() // x.shape[-1]
-    if rows >= BF16_MIN_ROWS and uses_bf16_gemm(rows, isa):
+    if uses_bf16_gemm(x.numel() // x.shape[-1], isa):
         return extension().qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
     return extension().qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
 

@@ -25,12 +25,15 @@ from pathlib import Path
 import torch
 
 from lmstack.errors import LmstackError
+from lmstack.model import step_recorder
 from lmstack.utils.cpp_ext import build
 
 ENV = "LMSTACK_KERNELS"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("qkernels_bind.cpp", "qkernels_scalar.cpp", "qkernels_avx2.cpp", "qkernels_avx512.cpp", "qkernels_bf16.cpp")
+# The graph-step header is shared with the fused model ops (lmstack/model/csrc).
+HEADERS = ("qkernels.h", "qkernels_x86.inc", "../../model/csrc/graph_node.h")
 BLOCK = 32
 BF16_ENV = "LMSTACK_BF16_GEMM"  # "0" keeps prefill-sized batches on the integer kernels
 BF16_MIN_ROWS = 12  # from this many rows a bf16 GEMM beats the integer dot products (AVX-512 BF16 CPUs)
@@ -39,9 +42,7 @@ BF16_MIN_ROWS = 12  # from this many rows a bf16 GEMM beats the integer dot prod
 @functools.cache
 def extension():
     """The compiled kernel module, or None (with one warning) where it cannot be built."""
-    return build(
-        "lmstack_qkernels", CSRC, list(SOURCES), ["qkernels.h", "qkernels_x86.inc"], "the quantized CPU kernels"
-    )
+    return build("lmstack_qkernels", CSRC, list(SOURCES), [*HEADERS], "the quantized CPU kernels")
 
 
 def available_isas() -> list[str]:
@@ -129,9 +130,16 @@ def qlinear(
         return y.to(x.dtype)
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
+    ext = extension()
+    recorder = step_recorder.active()
     if uses_bf16_gemm(x.numel() // x.shape[-1], isa):
-        return extension().qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
-    return extension().qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
+        if recorder is not None:
+            recorder.fail("the bf16 GEMM path is not replayable")
+        return ext.qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
+    y = ext.qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
+    if recorder is not None:  # a decode step being captured (lmstack.model.cpu_graph)
+        recorder.record(ext.qlinear_node, (x, qweight, scales, mins, bias, bits, group_size, isa), (y,))
+    return y
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

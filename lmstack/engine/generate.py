@@ -16,6 +16,7 @@ from lmstack.engine.sampling import SamplingParams, TokenSampler
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
 from lmstack.hub import keep_gguf_packed, load_model
+from lmstack.model.cpu_graph import StepRunner
 from lmstack.model.transformer import KVCache, Transformer, fuse_for_inference
 from lmstack.tokenizer import Tokenizer
 from lmstack.utils.device import resolve_device, resolve_dtype
@@ -55,8 +56,9 @@ def generate_tokens(
         cache = KVCache(model.cfg, 1, len(prompt_ids) + budget, device, model.tok_emb.weight.dtype)
     step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     next_id = torch.empty(1, 1, dtype=torch.long, device=device)  # refilled each step, never reallocated
+    step = StepRunner(model, cache)  # single-token steps replay a captured step on the CPU (cpu_graph)
     for _ in range(budget):
-        logits = model(step_input, cache=cache, last_logits_only=True).logits[0, -1]
+        logits = step(step_input)[0, -1]
         token = sampler.sample(logits, history)
         if token in stop_ids and not params.ignore_eos:
             return

@@ -6,7 +6,8 @@ PyTorch's fixed cost per op (dispatch, allocation, and the five or six kernels o
 `F.rms_norm`) is most of their time: before these ops, 61 RMSNorms and 30 RoPEs took about 2 ms of a
 SmolLM2-135M token under the profiler. The C++ in `csrc/cpu_ops.cpp` (built just in time by
 `lmstack.utils.cpp_ext.build`, cached) does each in one pass into one fresh tensor; docs/engine.md has
-the measurements.
+the measurements. Each op also reports itself to a step being captured (`lmstack.model.cpu_graph`), so
+a whole decode step can be replayed from C++ without this Python.
 
 Each function returns the result, or None when the fast path does not apply, and the caller in
 `transformer.py` then runs its PyTorch code. The fast path runs only for CPU fp32 tensors (contiguous
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmstack.model import step_recorder
 from lmstack.utils.cpp_ext import build
 
 ENV = "LMSTACK_CPU_OPS"
@@ -38,7 +40,7 @@ def extension():
     """The compiled ops module, or None (off through `LMSTACK_CPU_OPS=0`, or not buildable: one warning)."""
     if os.environ.get(ENV, "1").strip() == "0":
         return None
-    return build("lmstack_cpu_ops", CSRC, ["cpu_ops.cpp"], [], "the fused CPU inference ops")
+    return build("lmstack_cpu_ops", CSRC, ["cpu_ops.cpp"], ["graph_node.h"], "the fused CPU inference ops")
 
 
 @contextlib.contextmanager
@@ -63,10 +65,32 @@ def _ops(*tensors: Tensor):
     return extension()
 
 
+def _record(make_step, args: tuple, out) -> None:
+    """Report an op that ran (out: its result, a tensor or a tuple) to the step being captured, if any
+    (`lmstack.model.cpu_graph`); `make_step` is the extension's `*_node` for it."""
+    recorder = step_recorder.active()
+    if recorder is not None and out is not None:
+        recorder.record(make_step, args, out if isinstance(out, tuple) else (out,))
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (fp32, contiguous), or None."""
     ext = _ops(x, weight)
-    return None if ext is None else ext.rms_norm(x, weight, eps)
+    if ext is None:
+        return None
+    y = ext.rms_norm(x, weight, eps)
+    _record(ext.rms_norm_node, (x, weight, eps), y)
+    return y
+
+
+def add(a: Tensor, b: Tensor) -> Tensor | None:
+    """a + b for same-shaped contiguous fp32 tensors (the residual connection), or None."""
+    ext = _ops(a, b)
+    if ext is None:
+        return None
+    y = ext.add(a, b)
+    _record(ext.add_node, (a, b), y)
+    return y
 
 
 def rope_qkv(
@@ -76,7 +100,11 @@ def rope_qkv(
     T, head_dim) and k, v (B, n_kv_head, T, head_dim), RoPE applied to q and k (`apply_rope`'s tables), all
     three contiguous; or None."""
     ext = _ops(qkv)
-    return None if ext is None else ext.rope_qkv(qkv, cos, signed_sin, n_head, n_kv_head)
+    if ext is None:
+        return None
+    out = ext.rope_qkv(qkv, cos, signed_sin, n_head, n_kv_head)
+    _record(ext.rope_qkv_node, (qkv, cos, signed_sin, n_head, n_kv_head), out)
+    return out
 
 
 def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
@@ -89,7 +117,11 @@ def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
 def silu_mul(gate_up: Tensor) -> Tensor | None:
     """silu(gate) * up where gate and up are the two halves of the last dim (fp32, contiguous), or None."""
     ext = _ops(gate_up)
-    return None if ext is None else ext.silu_mul(gate_up)
+    if ext is None:
+        return None
+    y = ext.silu_mul(gate_up)
+    _record(ext.silu_mul_node, (gate_up,), y)
+    return y
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
@@ -107,4 +139,13 @@ def decode_attention_cached(
     stores k/v at position `past` of the caches (B, n_kv_head, max_len, head_dim) and then attends over
     positions 0..past; or None, having stored nothing."""
     ext = _ops(q)
-    return None if ext is None else ext.decode_attention(q, k, v, k_cache, v_cache, past)
+    if ext is None:
+        return None
+    y = ext.decode_attention(q, k, v, k_cache, v_cache, past)
+    recorder = step_recorder.active()
+    if recorder is not None and y is not None:
+        if past != recorder.position:
+            recorder.fail(f"attention at position {past} in a step captured at {recorder.position}")
+        # The step attends at whatever position the replay runs (it takes no `past`).
+        recorder.record(ext.decode_attention_node, (q, k, v, k_cache, v_cache), (y,))
+    return y

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError
-from lmstack.model import cpu_ops
+from lmstack.model import cpu_ops, step_recorder
 from lmstack.model.moe import MoEFeedForward
 
 
@@ -70,7 +70,7 @@ class KVCache:
         # clears it): `attend` then stores and attends in one fused CPU op.
         self.token_step = False
 
-    def _check_room(self, end: int) -> None:
+    def check_room(self, end: int) -> None:
         if end > self.max_len:
             raise LmstackError(
                 f"sequence of {end} tokens exceeds the KV cache of {self.max_len}; "
@@ -79,7 +79,7 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.shape[2]
-        self._check_room(end)
+        self.check_room(end)
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -99,7 +99,7 @@ class KVCache:
 
     def layout(self, T: int, device) -> tuple[Tensor, int, Tensor | None]:
         past = self.length
-        self._check_room(past + T)
+        self.check_room(past + T)
         self.token_step = T == 1
         return self.positions[past : past + T], past + T - 1, attention_mask(T, past, None, device)
 
@@ -307,17 +307,21 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope, mask, cache) -> tuple[Tensor, Tensor | None]:
-        x = x + self._residual_dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        x = self._residual(x, self.attn(self.attn_norm(x), rope, mask, cache))
         h = self.ffn(self.ffn_norm(x))
         aux = None
         if isinstance(h, tuple):  # MoE returns (output, load-balancing loss)
             h, aux = h
-        return x + self._residual_dropout(h), aux
+        return self._residual(x, h), aux
 
-    def _residual_dropout(self, h: Tensor) -> Tensor:
-        # nn.Dropout is the identity outside training; skipping its module call saves ~2.6 us a call, 60 a
-        # decode token of SmolLM2 (docs/engine.md, "Fused CPU ops").
-        return self.dropout(h) if self.training else h
+    def _residual(self, x: Tensor, h: Tensor) -> Tensor:
+        """x + dropout(h). nn.Dropout is the identity outside training; skipping its module call saves
+        ~2.6 us a call, 60 a decode token of SmolLM2 (docs/engine.md, "Fused CPU ops"). The add is the
+        fused ops' for CPU inference, so a captured decode step (cpu_graph) can replay it."""
+        if self.training:
+            return x + self.dropout(h)
+        y = cpu_ops.add(x, h)
+        return x + h if y is None else y
 
 
 class Transformer(nn.Module):
@@ -377,6 +381,19 @@ class Transformer(nn.Module):
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
         return cos, sin
 
+    def step_inputs(
+        self, idx: Tensor | None, inputs_embeds: Tensor | None, positions: Tensor, max_position: int
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The first block's input (B, T, d_model) and the RoPE tables (llama family, else None) for these
+        tokens (or `inputs_embeds`) at `positions`; `max_position` is positions' largest as a Python int."""
+        x = self.tok_emb(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
+        rope = None
+        if self.cfg.family == "gpt2":
+            x = x + self.pos_emb(positions)
+        else:
+            rope = self._rope(positions, max_position + 1)
+        return self.drop(x), rope
+
     def forward(
         self,
         idx: Tensor | None,
@@ -423,13 +440,8 @@ class Transformer(nn.Module):
             raise LmstackError(
                 f"position {max_position} is beyond the model's context of {cfg.max_seq_len} tokens; shorten the input"
             )
-        x = self.tok_emb(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
-        rope = None
-        if cfg.family == "gpt2":
-            x = x + self.pos_emb(positions)
-        else:
-            rope = self._rope(positions, max_position + 1)
-        x = self.drop(x)
+        x, rope = self.step_inputs(idx, inputs_embeds, positions, max_position)
+        step_recorder.note_inputs(x, *(rope or ()))  # what a captured decode step starts from (cpu_graph)
         aux_total = None
         for block in self.layers:
             x, aux = block(x, rope, mask, cache)

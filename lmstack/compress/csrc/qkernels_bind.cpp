@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "../../model/csrc/graph_node.h"
 #include "qkernels.h"
 
 namespace {
@@ -97,15 +98,10 @@ QArgs check_args(const torch::Tensor& x, const torch::Tensor& w, const torch::Te
   return {M, K, N, mins_ptr, bias_ptr};
 }
 
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
-                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
-                      int64_t bits, int64_t group, int64_t isa) {
-  const QArgs args = check_args(x, w, scales, mins, bias, bits, group);
+// y (M rows of N, contiguous) = x @ dequant(W)^T + bias, for arguments check_args accepted.
+void qlinear_into(const QArgs& args, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                  int64_t bits, int64_t group, QuantizeFn quantize, GemmFn gemm, float* y) {
   const int64_t M = args.M, K = args.K, N = args.N;  // plain locals: lambdas below capture them
-  QuantizeFn quantize;
-  GemmFn gemm;
-  pick(isa, &quantize, &gemm);
-
   // The quantized activations live in per-thread scratch that only grows: a decode step makes ~120 calls,
   // and three allocations each would cost more than the quantization itself.
   thread_local std::vector<int8_t> xq;
@@ -113,9 +109,6 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   if (xq.size() < static_cast<size_t>(M * K)) xq.resize(M * K);
   if (xd.size() < static_cast<size_t>(M * (K / 32))) xd.resize(M * (K / 32));
   if (xg.size() < static_cast<size_t>(M * (K / group))) xg.resize(M * (K / group));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  auto y = torch::empty(out_shape, x.options());
   const float* x_ptr = x.data_ptr<float>();
   int8_t* xq_ptr = xq.data();
   float* xd_ptr = xd.data();
@@ -125,8 +118,8 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   });
 
   lmq::QGemm a{xq_ptr, xd_ptr, xg_ptr, M, K, N, reinterpret_cast<const uint8_t*>(w.data_ptr()),
-               reinterpret_cast<const uint16_t*>(scales.data_ptr()), args.mins, args.bias, y.data_ptr<float>(),
-               static_cast<int>(bits), static_cast<int>(group)};
+               reinterpret_cast<const uint16_t*>(scales.data_ptr()), args.mins, args.bias, y, static_cast<int>(bits),
+               static_cast<int>(group)};
   // Activation tiles of 64 rows keep their int8 copy (64 x K bytes) in L2 while every weight row streams by.
   // Each thread gets at least ~256k multiply-adds: waking a second thread for less (a k_proj at batch 1)
   // costs more than it saves, and far more on a loaded machine.
@@ -136,7 +129,37 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
     const int64_t grain = std::max<int64_t>(4, kMinWork / (K * (m1 - m0)));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemm(a, begin, end, m0, m1); });
   }
+}
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
+                      int64_t bits, int64_t group, int64_t isa) {
+  const QArgs args = check_args(x, w, scales, mins, bias, bits, group);
+  QuantizeFn quantize;
+  GemmFn gemm;
+  pick(isa, &quantize, &gemm);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = args.N;
+  auto y = torch::empty(out_shape, x.options());
+  qlinear_into(args, x, w, scales, bits, group, quantize, gemm, y.data_ptr<float>());
   return y;
+}
+
+// A captured decode step (lmstack/model/cpu_graph.py): `qlinear` of these arguments again into y, the
+// tensor the eager call returned. The node holds every tensor, so the addresses it reads stay valid.
+py::capsule qlinear_node(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                         const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias,
+                         int64_t bits, int64_t group, int64_t isa, const torch::Tensor& y) {
+  const QArgs args = check_args(x, w, scales, mins, bias, bits, group);
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == args.M * args.N,
+              "qlinear_node: y must be the contiguous fp32 (..., N) output");
+  QuantizeFn quantize;
+  GemmFn gemm;
+  pick(isa, &quantize, &gemm);
+  float* y_ptr = y.data_ptr<float>();
+  return lmstack_graph::make_node([args, x, w, scales, mins, bias, bits, group, quantize, gemm, y, y_ptr](int64_t) {
+    qlinear_into(args, x, w, scales, bits, group, quantize, gemm, y_ptr);
+  });
 }
 
 // y (..., N) = x (..., K) @ dequant(W)^T + bias as bf16 GEMMs (oneDNN, fp32 accumulation), for batches
@@ -181,5 +204,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "y = x @ dequant(W).T + bias with activations quantized per 32 (Q8_0 style)");
   m.def("bf16_supported", &bf16_supported, "whether this CPU has AVX-512 BF16 (qlinear_bf16 runs)");
   m.def("qlinear_bf16", &qlinear_bf16, "y = x @ dequant(W).T + bias as bf16 GEMMs over dequantized weight slabs");
+  m.def("qlinear_node", &qlinear_node, "a captured decode step: qlinear of these arguments into y");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs: 0 scalar, 1 avx2, 2 avx512-vnni");
 }

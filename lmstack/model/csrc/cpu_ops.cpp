@@ -27,6 +27,8 @@
 #include <tuple>
 #include <vector>
 
+#include "graph_node.h"
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define LMS_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -95,12 +97,14 @@ LMS_CLONES void rms_norm_row(const float* __restrict x, const float* __restrict 
   for (int64_t k = 0; k < n; ++k) y[k] = x[k] * inv * w[k];
 }
 
-std::optional<Tensor> rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  RECORD_FUNCTION("lmstack::rms_norm", std::vector<c10::IValue>());
-  if (!is_f32_contiguous(x) || !is_f32_contiguous(weight) || x.dim() < 1 || weight.dim() != 1) return std::nullopt;
+bool rms_norm_applies(const Tensor& x, const Tensor& weight) {
+  return is_f32_contiguous(x) && is_f32_contiguous(weight) && x.dim() >= 1 && weight.dim() == 1 && x.size(-1) > 0 &&
+         weight.size(0) == x.size(-1);
+}
+
+// y (x's shape, contiguous) = RMSNorm(x); the checks are rms_norm_applies'.
+void rms_norm_into(const Tensor& x, const Tensor& weight, double eps, const Tensor& y) {
   const int64_t n = x.size(-1);
-  if (n == 0 || weight.size(0) != n) return std::nullopt;
-  Tensor y = at::empty_like(x);
   const int64_t rows = x.numel() / n;
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -109,6 +113,13 @@ std::optional<Tensor> rms_norm(const Tensor& x, const Tensor& weight, double eps
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) rms_norm_row(xp + r * n, wp, yp + r * n, n, e);
   });
+}
+
+std::optional<Tensor> rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  RECORD_FUNCTION("lmstack::rms_norm", std::vector<c10::IValue>());
+  if (!rms_norm_applies(x, weight)) return std::nullopt;
+  Tensor y = at::empty_like(x);
+  rms_norm_into(x, weight, eps, y);
   return y;
 }
 
@@ -146,6 +157,30 @@ std::optional<RopeTables> rope_tables(const Tensor& cos, const Tensor& sin, int6
   return std::nullopt;
 }
 
+// rope_qkv's body (after its checks) into q, k, v of its output shapes.
+void rope_qkv_into(const Tensor& qkv, const RopeTables& tables, int64_t n_head, int64_t n_kv_head, const Tensor& q,
+                   const Tensor& k, const Tensor& v) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), hd = q.size(3), heads = n_head + 2 * n_kv_head;
+  const float* src = qkv.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  at::parallel_for(0, B * T, grain_rows(heads * hd), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* row = src + r * heads * hd;
+      const float* c = tables.cos_at(b, t, hd);
+      const float* s = tables.sin_at(b, t, hd);
+      for (int64_t h = 0; h < n_head; ++h) rope_head(row + h * hd, c, s, qp + ((b * n_head + h) * T + t) * hd, hd / 2);
+      for (int64_t h = 0; h < n_kv_head; ++h) {
+        const int64_t out = ((b * n_kv_head + h) * T + t) * hd;
+        rope_head(row + (n_head + h) * hd, c, s, kp + out, hd / 2);
+        std::memcpy(vp + out, row + (n_head + n_kv_head + h) * hd, hd * sizeof(float));
+      }
+    }
+  });
+}
+
 // qkv (B, T, (n_head + 2 n_kv_head) * hd), the fused projection's output -> q (B, n_head, T, hd) and
 // k (B, n_kv_head, T, hd) with RoPE applied, v (B, n_kv_head, T, hd); all three fresh and contiguous.
 std::optional<std::tuple<Tensor, Tensor, Tensor>> rope_qkv(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
@@ -159,24 +194,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> rope_qkv(const Tensor& qkv, co
   Tensor q = at::empty({B, n_head, T, hd}, qkv.options());
   Tensor k = at::empty({B, n_kv_head, T, hd}, qkv.options());
   Tensor v = at::empty({B, n_kv_head, T, hd}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  at::parallel_for(0, B * T, grain_rows(heads * hd), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / T, t = r % T;
-      const float* row = src + r * heads * hd;
-      const float* c = tables->cos_at(b, t, hd);
-      const float* s = tables->sin_at(b, t, hd);
-      for (int64_t h = 0; h < n_head; ++h) rope_head(row + h * hd, c, s, qp + ((b * n_head + h) * T + t) * hd, hd / 2);
-      for (int64_t h = 0; h < n_kv_head; ++h) {
-        const int64_t out = ((b * n_kv_head + h) * T + t) * hd;
-        rope_head(row + (n_head + h) * hd, c, s, kp + out, hd / 2);
-        std::memcpy(vp + out, row + (n_head + n_kv_head + h) * hd, hd * sizeof(float));
-      }
-    }
-  });
+  rope_qkv_into(qkv, *tables, n_head, n_kv_head, q, k, v);
   return std::make_tuple(q, k, v);
 }
 
@@ -247,20 +265,50 @@ LMS_CLONES void silu_mul_row(const float* __restrict gate, const float* __restri
   for (int64_t i = 0; i < d; ++i) y[i] = gate[i] / (1.f + exp_in_range(y[i])) * up[i];
 }
 
-std::optional<Tensor> silu_mul(const Tensor& gate_up) {
-  RECORD_FUNCTION("lmstack::silu_mul", std::vector<c10::IValue>());
-  if (!is_f32_contiguous(gate_up) || gate_up.dim() < 1 || gate_up.size(-1) % 2 != 0) return std::nullopt;
+// y (gate_up's shape with half its last dim) = silu(gate) * up; the checks are silu_mul's.
+void silu_mul_into(const Tensor& gate_up, const Tensor& y) {
   const int64_t d = gate_up.size(-1) / 2;
-  if (d == 0) return std::nullopt;
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = d;
-  Tensor y = at::empty(sizes, gate_up.options());
   const int64_t rows = gate_up.numel() / (2 * d);
   const float* src = gate_up.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, grain_rows(2 * d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * 2 * d, src + r * 2 * d + d, yp + r * d, d);
   });
+}
+
+std::optional<Tensor> silu_mul(const Tensor& gate_up) {
+  RECORD_FUNCTION("lmstack::silu_mul", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(gate_up) || gate_up.dim() < 1 || gate_up.size(-1) % 2 != 0 || gate_up.size(-1) == 0)
+    return std::nullopt;
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() /= 2;
+  Tensor y = at::empty(sizes, gate_up.options());
+  silu_mul_into(gate_up, y);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The residual connection a + b of two same-shaped fp32 tensors (one rounding per element, as aten::add):
+// an op of this extension so that a captured decode step (DecodeProgram below) can replay it.
+
+LMS_CLONES void add_rows(const float* __restrict a, const float* __restrict b, float* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+void add_into(const Tensor& a, const Tensor& b, const Tensor& y) {
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, a.numel(), kGrainFloats, [&](int64_t begin, int64_t end) {
+    add_rows(ap + begin, bp + begin, yp + begin, end - begin);
+  });
+}
+
+std::optional<Tensor> add(const Tensor& a, const Tensor& b) {
+  RECORD_FUNCTION("lmstack::add", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(a) || !is_f32_contiguous(b) || a.sizes() != b.sizes()) return std::nullopt;
+  Tensor y = at::empty_like(a);
+  add_into(a, b, y);
   return y;
 }
 
@@ -360,43 +408,28 @@ bool is_f32_heads(const Tensor& t) {
 // 1, hd): they are written at position `past` first and the op attends over positions 0..past (the
 // contiguous KVCache's whole decode step in one call, no slicing or copy ops). Nothing is written
 // unless the op runs. SDPA's CPU kernel costs ~25 us here for a few thousand multiply-adds.
-std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const std::optional<Tensor>& k_cache, const std::optional<Tensor>& v_cache,
-                                       int64_t past) {
-  RECORD_FUNCTION("lmstack::decode_attention", std::vector<c10::IValue>());
-  if (!is_f32_contiguous(q) || q.dim() != 4 || q.size(2) != 1) return std::nullopt;
-  if (!is_f32_heads(k) || !is_f32_heads(v) || k.sizes() != v.sizes()) return std::nullopt;
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1);
-  if (k.size(0) != B || k.size(3) != hd || Hkv == 0 || H % Hkv != 0 || k.size(2) == 0) return std::nullopt;
-  const Tensor* keys = &k;
-  const Tensor* values = &v;
-  int64_t L = k.size(2);
-  if (k_cache.has_value() != v_cache.has_value()) return std::nullopt;
-  if (k_cache.has_value()) {
-    const Tensor &kc = *k_cache, &vc = *v_cache;
-    if (!is_f32_heads(kc) || !is_f32_heads(vc) || kc.sizes() != vc.sizes() || L != 1) return std::nullopt;
-    if (kc.size(0) != B || kc.size(1) != Hkv || kc.size(3) != hd || past < 0 || past >= kc.size(2))
-      return std::nullopt;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t g = 0; g < Hkv; ++g) {
-        std::memcpy(kc.data_ptr<float>() + b * kc.stride(0) + g * kc.stride(1) + past * kc.stride(2),
-                    k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1), hd * sizeof(float));
-        std::memcpy(vc.data_ptr<float>() + b * vc.stride(0) + g * vc.stride(1) + past * vc.stride(2),
-                    v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), hd * sizeof(float));
-      }
+// This token's k/v (B, Hkv, 1, hd) into the caches (B, Hkv, max_len, hd) at position `past`.
+void store_token(const Tensor& k, const Tensor& v, const Tensor& kc, const Tensor& vc, int64_t past) {
+  const int64_t B = k.size(0), Hkv = k.size(1), hd = k.size(3);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < Hkv; ++g) {
+      std::memcpy(kc.data_ptr<float>() + b * kc.stride(0) + g * kc.stride(1) + past * kc.stride(2),
+                  k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1), hd * sizeof(float));
+      std::memcpy(vc.data_ptr<float>() + b * vc.stride(0) + g * vc.stride(1) + past * vc.stride(2),
+                  v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), hd * sizeof(float));
     }
-    keys = &kc;
-    values = &vc;
-    L = past + 1;
   }
+}
+
+// out (B, 1, H, hd) = attention of q (B, H, 1, hd) over the first L keys/values of (B, Hkv, >= L, hd).
+void attend_into(const Tensor& q, const Tensor& keys, const Tensor& values, int64_t L, float* op) {
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = keys.size(1);
   const int64_t group = H / Hkv;
-  Tensor out = at::empty({B, 1, H, hd}, q.options());  // returned as (B, H, 1, hd): the caller's transpose is free
   const float* qp = q.data_ptr<float>();
-  const float* kp = keys->data_ptr<float>();
-  const float* vp = values->data_ptr<float>();
-  const int64_t ks0 = keys->stride(0), ks1 = keys->stride(1), ks2 = keys->stride(2);
-  const int64_t vs0 = values->stride(0), vs1 = values->stride(1), vs2 = values->stride(2);
-  float* op = out.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t work = group * L * hd * 2;  // multiply-adds per (row, kv head) task
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, kGrainFloats * 4 / std::max<int64_t>(1, work)),
@@ -408,8 +441,114 @@ std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const T
                      L, hd, scale, scores.data(), op + (b * H + g * group) * hd);
     }
   });
+}
+
+// Whether k_cache / v_cache (B, Hkv, max_len, hd) can take this token's k (B, Hkv, 1, hd) at `past`.
+bool caches_fit(const Tensor& k, const Tensor& kc, const Tensor& vc, int64_t past) {
+  return is_f32_heads(kc) && is_f32_heads(vc) && kc.sizes() == vc.sizes() && k.size(2) == 1 &&
+         kc.size(0) == k.size(0) && kc.size(1) == k.size(1) && kc.size(3) == k.size(3) && past >= 0 &&
+         past < kc.size(2);
+}
+
+// Attention of one new token per row over its cached keys: q (B, H, 1, hd) contiguous, GQA with H a
+// multiple of Hkv. Either k/v (B, Hkv, L, hd) are all the keys (any strides but a unit last one: the
+// cache's views), or, with k_cache / v_cache (B, Hkv, max_len, hd) given, k/v are this token's (B, Hkv,
+// 1, hd): they are written at position `past` first and the op attends over positions 0..past (the
+// contiguous KVCache's whole decode step in one call, no slicing or copy ops). Nothing is written
+// unless the op runs. SDPA's CPU kernel costs ~25 us here for a few thousand multiply-adds.
+std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const std::optional<Tensor>& k_cache, const std::optional<Tensor>& v_cache,
+                                       int64_t past) {
+  RECORD_FUNCTION("lmstack::decode_attention", std::vector<c10::IValue>());
+  if (!is_f32_contiguous(q) || q.dim() != 4 || q.size(2) != 1) return std::nullopt;
+  if (!is_f32_heads(k) || !is_f32_heads(v) || k.sizes() != v.sizes()) return std::nullopt;
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1);
+  if (k.size(0) != B || k.size(3) != hd || Hkv == 0 || H % Hkv != 0 || k.size(2) == 0) return std::nullopt;
+  if (k_cache.has_value() != v_cache.has_value()) return std::nullopt;
+  Tensor out = at::empty({B, 1, H, hd}, q.options());  // returned as (B, H, 1, hd): the caller's transpose is free
+  if (k_cache.has_value()) {
+    if (!caches_fit(k, *k_cache, *v_cache, past)) return std::nullopt;
+    store_token(k, v, *k_cache, *v_cache, past);
+    attend_into(q, *k_cache, *v_cache, past + 1, out.data_ptr<float>());
+  } else {
+    attend_into(q, k, v, k.size(2), out.data_ptr<float>());
+  }
   return out.transpose(1, 2);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Captured decode steps (lmstack/model/cpu_graph.py). Each `*_node` takes the tensors one eager call of
+// the op above read and returned, checks them as that op did, and returns a graph_node.h capsule that
+// recomputes the op into the same output tensors; the replayed program therefore reads and writes the
+// addresses the eager step used. The decode attention's node stores and attends at the replayed position.
+
+using lmstack_graph::make_node;
+
+py::capsule rms_norm_node(const Tensor& x, const Tensor& weight, double eps, const Tensor& y) {
+  TORCH_CHECK(rms_norm_applies(x, weight) && is_f32_contiguous(y) && y.sizes() == x.sizes(), "rms_norm_node: shapes");
+  return make_node([x, weight, eps, y](int64_t) { rms_norm_into(x, weight, eps, y); });
+}
+
+py::capsule rope_qkv_node(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t n_head,
+                          int64_t n_kv_head, const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(is_f32_contiguous(q) && is_f32_contiguous(k) && is_f32_contiguous(v) && q.dim() == 4,
+              "rope_qkv_node: outputs");
+  const auto tables = rope_tables(cos, sin, qkv.size(0), qkv.size(1), q.size(3));
+  TORCH_CHECK(tables.has_value() && is_f32_contiguous(qkv), "rope_qkv_node: inputs");
+  // The tables are the capture's cos/sin buffers, refilled before every replay: keep them alive.
+  return make_node([qkv, cos, sin, t = *tables, n_head, n_kv_head, q, k, v](int64_t) {
+    rope_qkv_into(qkv, t, n_head, n_kv_head, q, k, v);
+  });
+}
+
+py::capsule silu_mul_node(const Tensor& gate_up, const Tensor& y) {
+  TORCH_CHECK(is_f32_contiguous(gate_up) && is_f32_contiguous(y) && y.numel() * 2 == gate_up.numel(),
+              "silu_mul_node: shapes");
+  return make_node([gate_up, y](int64_t) { silu_mul_into(gate_up, y); });
+}
+
+py::capsule add_node(const Tensor& a, const Tensor& b, const Tensor& y) {
+  TORCH_CHECK(is_f32_contiguous(a) && is_f32_contiguous(b) && is_f32_contiguous(y) && a.sizes() == b.sizes() &&
+                  y.sizes() == a.sizes(),
+              "add_node: shapes");
+  return make_node([a, b, y](int64_t) { add_into(a, b, y); });
+}
+
+// The cached decode attention at the replayed position: k/v stored there, attention over 0..position.
+py::capsule decode_attention_node(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& k_cache,
+                                  const Tensor& v_cache, const Tensor& out) {
+  TORCH_CHECK(is_f32_contiguous(q) && q.dim() == 4 && q.size(2) == 1 && caches_fit(k, k_cache, v_cache, 0) &&
+                  out.numel() == q.numel() && out.is_contiguous(),
+              "decode_attention_node: shapes");
+  float* op = out.data_ptr<float>();
+  return make_node([q, k, v, k_cache, v_cache, out, op](int64_t position) {
+    TORCH_CHECK(position >= 0 && position < k_cache.size(2), "decode position ", position, " is outside the KV cache");
+    store_token(k, v, k_cache, v_cache, position);
+    attend_into(q, k_cache, v_cache, position + 1, op);
+  });
+}
+
+// A captured decode step: graph_node.h steps from any extension, run in order with the GIL released.
+class DecodeProgram {
+ public:
+  void append(const py::capsule& step) {
+    auto* node = static_cast<lmstack_graph::Node*>(PyCapsule_GetPointer(step.ptr(), lmstack_graph::kCapsuleName));
+    if (node == nullptr) throw py::error_already_set();
+    nodes_.push_back(*node);
+    owners_.push_back(step);
+  }
+
+  void run(int64_t position) {
+    py::gil_scoped_release release;
+    for (const auto& node : nodes_) node.run(node.state, position);
+  }
+
+  size_t size() const { return nodes_.size(); }
+
+ private:
+  std::vector<lmstack_graph::Node> nodes_;
+  std::vector<py::capsule> owners_;  // keep each step's state (and the tensors it holds) alive
+};
 
 }  // namespace
 
@@ -426,4 +565,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache") = py::none(), py::arg("v_cache") = py::none(),
         py::arg("past") = 0);
   m.def("silu_mul", &silu_mul, "silu(gate) * up over the halves of the last dim, or None", py::arg("gate_up"));
+  m.def("add", &add, "a + b for same-shaped contiguous fp32 tensors, or None", py::arg("a"), py::arg("b"));
+  m.def("rms_norm_node", &rms_norm_node, "captured rms_norm step into y");
+  m.def("rope_qkv_node", &rope_qkv_node, "captured rope_qkv step into q, k, v");
+  m.def("silu_mul_node", &silu_mul_node, "captured silu_mul step into y");
+  m.def("add_node", &add_node, "captured residual add into y");
+  m.def("decode_attention_node", &decode_attention_node,
+        "captured cached decode attention (store k/v at the replayed position, attend) into out");
+  py::class_<DecodeProgram>(m, "DecodeProgram", "a captured decode step's ops, replayed in order")
+      .def(py::init<>())
+      .def("append", &DecodeProgram::append, "add a step (a graph node capsule)")
+      .def("run", &DecodeProgram::run, "run every step for the token at `position`", py::arg("position"))
+      .def("__len__", &DecodeProgram::size);
 }

@@ -1,0 +1,95 @@
+"""Recording one eager decode step as a program of C++ steps (what `lmstack.model.cpu_graph` replays).
+
+While a `StepRecorder` is active (`recording`), every fused CPU op that ran (`cpu_ops`, and the
+quantized kernels' `qlinear`) hands the recorder the tensors it read and returned, together with the
+extension's `*_node` function that makes a replayable step of them (a graph_node.h capsule). The
+recorder checks that each tensor a step reads is something the replay will keep up to date:
+  - a constant: a parameter or buffer of the model, or the KV cache (`constants`);
+  - a step input: what `note_inputs` declared (the embedded token and its RoPE rows), which the
+    replay refills before running;
+  - the output of an earlier recorded step.
+Anything else was made by an op the recorder never saw (plain PyTorch: an adapter's matmul, a
+GPT-2 LayerNorm, an fp32 `nn.Linear`), so the replay could not recompute it: the recording is then
+marked failed and the step stays eager. This module imports nothing from lmstack, so the ops can
+report to it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from torch import Tensor
+
+_active: list[StepRecorder] = []  # the recorder of the step being captured, if any
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of t's storage; None where it has none to read (a sharded FSDP2 parameter): such a
+    tensor is never known, so a step that reads it keeps the generation eager."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
+class StepRecorder:
+    """Collects the steps of one decode step at `position` (the cache length when it runs)."""
+
+    def __init__(self, constants: Iterable[Tensor], position: int):
+        self.position = position
+        self.steps: list[Any] = []  # capsules, in execution order
+        self.inputs: list[Tensor] = []  # the tensors `note_inputs` declared, refilled before each replay
+        self.failure: str | None = None
+        self._known = {_storage(t) for t in constants} - {None}
+        self._produced: set[int] = set()  # storages written by recorded steps
+        self._outputs: list[Tensor] = []  # kept alive: the replay writes into them
+
+    def note_inputs(self, tensors: Iterable[Tensor]) -> None:
+        for t in tensors:
+            self.inputs.append(t)
+            self._known.add(_storage(t))
+
+    def record(self, make_step: Callable[..., Any], args: tuple, outputs: tuple[Tensor, ...]) -> None:
+        """One op ran as `op(*args) -> outputs`; `make_step(*args, *outputs)` makes its replayable step."""
+        if self.failure is not None:
+            return
+        for value in args:
+            if isinstance(value, Tensor) and _storage(value) not in self._known:  # None is never known
+                name = getattr(make_step, "__name__", "an op")
+                self.failure = f"{name} read a tensor made outside the recorded ops"
+                return
+        for t in outputs:
+            self._known.add(_storage(t))
+            self._produced.add(_storage(t))
+            self._outputs.append(t)
+        self.steps.append(make_step(*args, *outputs))
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+
+    def produced(self, t: Tensor) -> bool:
+        """Whether a recorded step writes `t` (a replay keeps it current)."""
+        return _storage(t) in self._produced
+
+
+@contextlib.contextmanager
+def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
+    _active.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _active.remove(recorder)
+
+
+def active() -> StepRecorder | None:
+    """The recorder capturing the current step, or None (the usual case: one list check)."""
+    return _active[-1] if _active else None
+
+
+def note_inputs(*tensors: Tensor) -> None:
+    """Declare the tensors a decode step starts from (called by `Transformer.forward`; no-op unless recording)."""
+    if _active:
+        _active[-1].note_inputs(tensors)

@@ -154,6 +154,41 @@ class PagedKVCache:
         self.gqa = cfg.n_kv_head != cfg.n_head
         self.kernel = kernel_enabled(device, dtype)  # the C++ paged attention, else gather + SDPA
         self._layout: tuple[Tensor, int, None] | None = None
+        # The kernel's per-row inputs live in buffers that persist across steps (rows x blocks of a
+        # full context, grown when a step needs more): a captured decode step (lmstack.model.cpu_graph)
+        # reads them where they are, so `prepare` refills them in place. `row_buffers_version` changes
+        # whenever they are reallocated, which retires the captures made over the old ones.
+        self.row_buffers_version = 0
+        self._allocate_row_buffers(rows=16, width=min(num_blocks, -(-cfg.max_seq_len // block_size)))
+
+    def _allocate_row_buffers(self, rows: int, width: int) -> None:
+        self._table_buffer = torch.zeros(rows, width, dtype=torch.int32)
+        self._past_buffer = torch.zeros(rows, dtype=torch.long)
+        self._new_buffer = torch.zeros(rows, dtype=torch.long)
+        self.row_buffers_version += 1
+
+    def _fill_row_buffers(self, rows: list[RowSpec], past: Tensor, new: Tensor) -> None:
+        """Block tables, stored and new token counts of `rows` into the first len(rows) buffer rows."""
+        B, width = len(rows), max(len(r.block_table) for r in rows)
+        have_rows, have_width = self._table_buffer.shape
+        if have_rows < B or have_width < width:
+            self._allocate_row_buffers(max(B, have_rows), max(width, have_width))
+        for b, row in enumerate(rows):  # entries past a row's own blocks are never read
+            self._table_buffer[b, : len(row.block_table)] = torch.tensor(row.block_table, dtype=torch.int32)
+        self._tables = self._table_buffer[:B]
+        self._past = self._past_buffer[:B]
+        self._new = self._new_buffer[:B]
+        self._past.copy_(past)
+        self._new.copy_(new)
+
+    def pools(self) -> list[Tensor]:
+        """Every tensor of the block pool (keys, values and their int8 scales, all layers)."""
+        return [*self.k, *self.v, *(self.k_scale or ()), *(self.v_scale or ())]
+
+    def row_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernel's per-row inputs of the prepared step: block tables (B, width) int32, stored and new
+        token counts (B,) int64, views of the persistent buffers."""
+        return self._tables, self._past, self._new
 
     def prepare(self, rows: list[RowSpec], T: int) -> None:
         """Lay out the next forward: row b holds `rows[b].new` tokens right-aligned in T columns
@@ -169,10 +204,7 @@ class PagedKVCache:
         self._layout = (positions.to(self.device), max(lengths) - 1, None)
         self._rows, self._positions, self._gather_ready = rows, positions, False
         if self.kernel:
-            width = max(len(r.block_table) for r in rows)
-            tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
-            self._tables = torch.tensor(tables, dtype=torch.int32)
-            self._past, self._new = past, new
+            self._fill_row_buffers(rows, past, new)
         else:
             self._prepare_gather(rows, T, positions)
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lmstack.errors import LmstackError
+from lmstack.model import step_recorder
 from lmstack.utils.cpp_ext import build
 
 ENV = "LMSTACK_PAGED_ATTENTION"
@@ -34,10 +35,15 @@ CSRC = Path(__file__).parent / "csrc"
 @functools.cache
 def extension():
     """The compiled kernel module, or None (with one warning) where it cannot be built."""
-    return build("lmstack_paged_attention", CSRC, ["paged_attention.cpp"], [], "the paged attention kernel")
+    return build(
+        "lmstack_paged_attention",
+        CSRC,
+        ["paged_attention.cpp"],
+        ["../../model/csrc/graph_node.h"],  # the captured-step interface (lmstack.model.cpu_graph)
+        "the paged attention kernel",
+    )
 
 
-@functools.cache
 def _isa_from_env(value: str) -> int | None:
     if value not in ("auto", "torch", *ISAS):
         raise LmstackError(f"{ENV}={value!r} is not a choice; use auto, avx2, scalar or torch")
@@ -52,9 +58,20 @@ def _isa_from_env(value: str) -> int | None:
     return ISAS[value]
 
 
+_choice: list[int | None] = []  # the ISA chosen at the first call; `reset_choice` empties it
+
+
 def selected_isa() -> int | None:
-    """The kernel's instruction-set code, or None for the gather + SDPA path."""
-    return _isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto")
+    """The kernel's instruction-set code, or None for the gather + SDPA path. LMSTACK_PAGED_ATTENTION is
+    read once, at the first call in the process (this runs for every layer of every step)."""
+    if not _choice:
+        _choice.append(_isa_from_env(os.environ.get(ENV, "auto").strip().lower() or "auto"))
+    return _choice[0]
+
+
+def reset_choice() -> None:
+    """Forget the ISA choice so the next call reads LMSTACK_PAGED_ATTENTION again (tests that change it)."""
+    _choice.clear()
 
 
 def kernel_enabled(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -79,5 +96,10 @@ def paged_attention(
     the int32 block table `tables[b]`; padding columns come back as zeros. Call only where
     `kernel_enabled` holds."""
     k_scale, v_scale = scales if scales is not None else (None, None)
-    y = extension().paged_attention(q, k, v, *pools, k_scale, v_scale, tables, past, new, block_size, selected_isa())
+    ext, isa = extension(), selected_isa()
+    args = (q, k, v, *pools, k_scale, v_scale, tables, past, new, block_size, isa)
+    y = ext.paged_attention(*args)
+    recorder = step_recorder.active()
+    if recorder is not None:  # an engine decode step being captured (lmstack.model.cpu_graph)
+        recorder.record(ext.paged_attention_node, args, (y,))
     return y.transpose(1, 2)  # (B, n_head, T, head_dim), a view of the (B, T, n_head, head_dim) result

@@ -8,16 +8,19 @@ pad up to a prefill chunk; each group is one forward of the one `Transformer` wi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lmstack.engine.kv_cache import PagedKVCache, RowSpec
+from lmstack.model import cpu_graph
 from lmstack.model.transformer import Transformer
 
 SHORT_ROW = 8  # rows of at most this many tokens (decode, verification) batch together
 MAX_PADDING = 0.25  # a prefill group may hold this fraction of padding tokens
+MAX_CAPTURES = 8  # captured decode steps kept (by batch size, least recently used dropped)
 
 
 @dataclass
@@ -31,6 +34,8 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
+        # Captured decode steps by (rows, row-buffer version); None marks a step that cannot be captured.
+        self._captured: OrderedDict[tuple[int, int], cpu_graph.CapturedStep | None] = OrderedDict()
 
     @torch.inference_mode()
     def run(self, rows: list[StepRow]) -> list[Tensor | None]:
@@ -43,11 +48,43 @@ class ModelRunner:
                 idx[j, T - rows[i].spec.new :] = torch.tensor(rows[i].tokens)
             self.cache.prepare([rows[i].spec for i in group], T)
             need = max(rows[i].num_logits for i in group)
-            logits = self.model(idx.to(self.device), cache=self.cache, last_logits_only=need <= 1).logits
+            if T == 1 and self._may_capture():
+                logits = self._decode_step(idx)
+            else:
+                logits = self.model(idx.to(self.device), cache=self.cache, last_logits_only=need <= 1).logits
             for j, i in enumerate(group):
                 if rows[i].num_logits:
                     out[i] = logits[j, logits.shape[1] - rows[i].num_logits :]
         return out
+
+    def _may_capture(self) -> bool:
+        return self.cache.kernel and cpu_graph.enabled(self.model)
+
+    def _decode_step(self, idx: Tensor) -> Tensor:
+        """Logits (B, 1, V) of a prepared step of one token per row, through the captured step for B rows
+        (docs/engine.md, "Captured decode steps"): captured the first time B rows decode together,
+        replayed after. A copy, so that no caller holds the step's own output across steps."""
+
+        def eager() -> Tensor:
+            return self.model(idx, cache=self.cache, last_logits_only=True).logits
+
+        key = (idx.shape[0], self.cache.row_buffers_version)
+        if key in self._captured:
+            self._captured.move_to_end(key)
+            captured = self._captured[key]
+            if captured is None:
+                return eager()
+            positions, max_position, _ = self.cache.layout(1, self.device)
+            x, rope = self.model.step_inputs(idx, None, positions, max_position)
+            logits = captured.run(x, rope, 0)  # the paged attention reads positions from the row buffers
+            self.cache.advance(1)
+            return logits.clone()
+        constants = [*cpu_graph.model_constants(self.model), *self.cache.pools()]
+        captured, logits = cpu_graph.capture(eager, constants, 0, fixed_inputs=self.cache.row_inputs())
+        self._captured[key] = captured
+        while len(self._captured) > MAX_CAPTURES:
+            self._captured.popitem(last=False)
+        return logits.clone()
 
     @staticmethod
     def _groups(rows: list[StepRow]) -> list[list[int]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -38,52 +39,42 @@ log = logging.getLogger(__name__)
 
 
 class CapturedStep:
-    """A recorded single-token decode step over `cache`, replayed by `replay` for each next token."""
+    """A recorded single-token decode step, replayed by `run` for each next token."""
 
-    def __init__(self, model: Transformer, cache: KVCache, program, inputs: list[Tensor], logits: Tensor):
-        self.model, self.cache, self.program = model, cache, program
-        self.inputs = inputs  # the buffers the program starts from: embedded token, cos row, signed sin row
-        self.logits = logits  # (1, 1, vocab), overwritten by every replay
+    def __init__(self, program, inputs: list[Tensor], logits: Tensor):
+        self.program = program
+        self.inputs = inputs  # the buffers the program starts from: embedded tokens, cos rows, signed sin rows
+        self.logits = logits  # (B, 1, vocab), overwritten by every run
 
-    def replay(self, idx: Tensor) -> Tensor:
-        """Logits (1, 1, vocab) for token `idx` (1, 1) at the cache's next position; the cache advances.
-        The tensor is the step's own output: read it before the next replay."""
-        past = self.cache.length
-        self.cache.check_room(past + 1)
-        x, rope = self.model.step_inputs(idx, None, self.cache.positions[past : past + 1], past)
+    def run(self, x: Tensor, rope: tuple[Tensor, Tensor], position: int) -> Tensor:
+        """Logits for the step whose first-block input and RoPE rows are `x`, `rope` (what
+        `Transformer.step_inputs` makes) at cache position `position`. The tensor is the step's own
+        output: read it before the next run."""
         for buffer, value in zip(self.inputs, (x, *rope), strict=True):
             buffer.copy_(value)
-        self.program.run(past)
-        self.cache.advance(1)
+        self.program.run(position)
         return self.logits
 
 
-def can_capture(model: Transformer, cache) -> bool:
-    """Whether single-token steps over `cache` may be captured: a one-row contiguous `KVCache` of a
-    RoPE model on the CPU, gradients off, the fused ops built, and LMSTACK_CPU_GRAPH not 0."""
-    return (
-        os.environ.get(ENV, "1").strip() != "0"
-        and isinstance(cache, KVCache)
-        and cache.k[0].shape[0] == 1
-        and model.cfg.family == "llama"
-        and not model.training
-        and not torch.is_grad_enabled()
-        and model.tok_emb.weight.is_cpu
-        and cpu_ops.extension() is not None
-    )
+def capture(
+    forward: Callable[[], Tensor], constants: list[Tensor], position: int, fixed_inputs: tuple[Tensor, ...] = ()
+) -> tuple[CapturedStep | None, Tensor]:
+    """Run one single-token decode step, `forward()` -> logits, eagerly while recording it; return the
+    captured step (None where it cannot be replayed) and the step's logits.
 
-
-def capture(model: Transformer, cache: KVCache, idx: Tensor) -> tuple[CapturedStep | None, Tensor]:
-    """Run token `idx` (1, 1) eagerly while recording it; return the captured step (None where the step
-    cannot be replayed) and the step's logits (1, 1, vocab)."""
-    position = cache.length
-    recorder = step_recorder.StepRecorder([*model.parameters(), *model.buffers(), *cache.k, *cache.v], position)
+    constants: the tensors the replay may read as they are (parameters, buffers, the KV cache);
+    position: the contiguous cache's length (the position where its attention stores k/v);
+    fixed_inputs: tensors the caller refills in place before every replay (the engine's block tables).
+    """
+    recorder = step_recorder.StepRecorder(constants, position)
+    recorder.note_inputs(fixed_inputs)
     with step_recorder.recording(recorder):
-        logits = model(idx, cache=cache, last_logits_only=True).logits
+        logits = forward()
     if recorder.failure is None and not recorder.produced(logits):
         recorder.fail("the logits were not made by a recorded op")
-    if recorder.failure is None and len(recorder.inputs) != 3:
-        recorder.fail(f"the step declared {len(recorder.inputs)} inputs, not the token and two RoPE rows")
+    step_inputs = recorder.inputs[len(fixed_inputs) :]
+    if recorder.failure is None and len(step_inputs) != 3:
+        recorder.fail(f"the step declared {len(step_inputs)} inputs, not the tokens and two RoPE tables")
     if recorder.failure is not None:
         log.debug("decode step not captured: %s; it runs eagerly", recorder.failure)
         return None, logits
@@ -99,7 +90,30 @@ def capture(model: Transformer, cache: KVCache, idx: Tensor) -> tuple[CapturedSt
             stacklevel=2,
         )
         return None, eager
-    return CapturedStep(model, cache, program, recorder.inputs, logits), logits
+    return CapturedStep(program, step_inputs, logits), logits
+
+
+def enabled(model: Transformer) -> bool:
+    """Whether `model`'s decode steps may be captured at all: a RoPE model on the CPU in eval mode with
+    gradients off, the fused ops built, and LMSTACK_CPU_GRAPH not 0."""
+    return (
+        os.environ.get(ENV, "1").strip() != "0"
+        and model.cfg.family == "llama"
+        and not model.training
+        and not torch.is_grad_enabled()
+        and model.tok_emb.weight.is_cpu
+        and cpu_ops.extension() is not None
+    )
+
+
+def can_capture(model: Transformer, cache) -> bool:
+    """Whether single-token steps over `cache` may be captured by a `StepRunner`: `enabled`, with a
+    one-row contiguous `KVCache`."""
+    return isinstance(cache, KVCache) and cache.k[0].shape[0] == 1 and enabled(model)
+
+
+def model_constants(model: Transformer) -> list[Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 class StepRunner:
@@ -113,9 +127,21 @@ class StepRunner:
 
     def __call__(self, idx: Tensor) -> Tensor:
         if self.captured is not None:
-            return self.captured.replay(idx)
+            return self._replay(idx)
         if self._may_capture and idx.shape[1] == 1:
             self._may_capture = False
-            self.captured, logits = capture(self.model, self.cache, idx)
+            constants = [*model_constants(self.model), *self.cache.k, *self.cache.v]
+            self.captured, logits = capture(self._eager_step(idx), constants, self.cache.length)
             return logits
-        return self.model(idx, cache=self.cache, last_logits_only=True).logits
+        return self._eager_step(idx)()
+
+    def _eager_step(self, idx: Tensor) -> Callable[[], Tensor]:
+        return lambda: self.model(idx, cache=self.cache, last_logits_only=True).logits
+
+    def _replay(self, idx: Tensor) -> Tensor:
+        past = self.cache.length
+        self.cache.check_room(past + 1)
+        x, rope = self.model.step_inputs(idx, None, self.cache.positions[past : past + 1], past)
+        logits = self.captured.run(x, rope, past)
+        self.cache.advance(1)
+        return logits

@@ -30,10 +30,10 @@ ROWS = [(7, 1), (0, 5), (13, 3), (0, 1), (21, 6), (2, 2)]
 
 @pytest.fixture(autouse=True)
 def fresh_isa_choice():
-    """The env var is read through a cache keyed by its value; a patched extension needs it cleared."""
-    pa._isa_from_env.cache_clear()
+    """The env var is read once per process; tests that set it (or patch the extension) start afresh."""
+    pa.reset_choice()
     yield
-    pa._isa_from_env.cache_clear()
+    pa.reset_choice()
 
 
 def kernel_isas() -> list[str]:
@@ -103,7 +103,7 @@ def reference_attention(cache: PagedKVCache, tables: list[list[int]], q: Tensor,
 
 def run_step(monkeypatch, path: str, group: int, head_dim: int, quantized: bool) -> tuple[PagedKVCache, Tensor]:
     monkeypatch.setenv(pa.ENV, path)
-    pa._isa_from_env.cache_clear()
+    pa.reset_choice()
     cfg = config(group, head_dim)
     tables = block_tables()
     cache = filled_cache(cfg, tables, quantized)
@@ -156,7 +156,7 @@ def test_failed_build_falls_back_to_gather_and_sdpa(monkeypatch):
     single-stream generation."""
     monkeypatch.setattr(pa, "extension", lambda: None)
     monkeypatch.delenv(pa.ENV, raising=False)
-    pa._isa_from_env.cache_clear()
+    pa.reset_choice()
     assert not pa.kernel_enabled("cpu", torch.float32)
     model = tiny_model()
     prompts = mixed_prompts()

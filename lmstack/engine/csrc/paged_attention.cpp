@@ -23,6 +23,8 @@
 #include <limits>
 #include <vector>
 
+#include "../../model/csrc/graph_node.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LMPA_X86 1
@@ -339,14 +341,20 @@ void check_pool(const torch::Tensor& pool, const torch::Tensor& like, const char
               name, " must be contiguous with the shape and dtype of k_pool");
 }
 
-// q (B, n_head, T, hd), k/v (B, n_kv, T, hd) fp32 with unit last stride; k_pool/v_pool (slots, n_kv, hd)
-// fp32, or int8 with k_scale/v_scale (slots, n_kv, 1) fp32; tables (B, W) int32; past/fresh (B,) int64.
-// Returns y (B, T, n_head, hd) contiguous; rows hold `fresh` tokens right-aligned in T columns.
-torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              torch::Tensor k_pool, torch::Tensor v_pool, const c10::optional<torch::Tensor>& k_scale,
-                              const c10::optional<torch::Tensor>& v_scale, const torch::Tensor& tables,
-                              const torch::Tensor& past, const torch::Tensor& fresh, int64_t block_size, int64_t isa) {
-  RECORD_FUNCTION("lmstack::paged_attention", std::vector<c10::IValue>());  // named in torch.profiler tables
+// The step's arguments checked and turned into a Step (y left null) and its Ops: q (B, n_head, T, hd),
+// k/v (B, n_kv, T, hd) fp32 with unit last stride; k_pool/v_pool (slots, n_kv, hd) fp32, or int8 with
+// k_scale/v_scale (slots, n_kv, 1) fp32; tables (B, W) int32; past/fresh (B,) int64. The rows' contents
+// (lengths, block ids) are checked by check_rows, on every run.
+struct Prepared {
+  Step st;
+  const Ops* ops;
+  int64_t num_blocks;
+};
+
+Prepared prepare(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_pool,
+                 const torch::Tensor& v_pool, const c10::optional<torch::Tensor>& k_scale,
+                 const c10::optional<torch::Tensor>& v_scale, const torch::Tensor& tables, const torch::Tensor& past,
+                 const torch::Tensor& fresh, int64_t block_size, int64_t isa) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d (B, heads, T, head_dim)");
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->stride(3) == 1 && t->device().is_cpu(),
@@ -376,30 +384,11 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
               "past and fresh must be contiguous int64 (B,)");
   TORCH_CHECK(block_size > 0 && slots % block_size == 0, "block_size must divide the pool's slots");
   TORCH_CHECK(isa_supported(isa), "paged attention: instruction set ", isa, " is not supported by this CPU");
-  const Ops& ops =
+  const Ops* ops =
 #ifdef LMPA_X86
-      (isa == kAvx2 && hd % 8 == 0) ? kAvx2Ops :
+      (isa == kAvx2 && hd % 8 == 0) ? &kAvx2Ops :
 #endif
-                                    kScalarOps;
-
-  const int32_t* table_data = tables.data_ptr<int32_t>();
-  const int64_t* past_data = past.data_ptr<int64_t>();
-  const int64_t* fresh_data = fresh.data_ptr<int64_t>();
-  const int64_t width = tables.size(1), num_blocks = slots / block_size;
-  int64_t work = 0;  // multiply-adds of the step, to decide whether a second thread pays
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = past_data[b], f = fresh_data[b];
-    TORCH_CHECK(p >= 0 && f >= 0 && f <= T, "row ", b, ": past must be >= 0 and 0 <= fresh <= T");
-    const int64_t used = (p + f + block_size - 1) / block_size;
-    TORCH_CHECK(used <= width, "row ", b, ": its block table holds ", width, " blocks, ", used, " needed");
-    for (int64_t i = 0; i < used; ++i) {
-      const int32_t block = table_data[b * width + i];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "row ", b, ": block ", block, " is outside the pool");
-    }
-    work += 2 * f * (p + f) * hd * n_head;
-  }
-
-  auto y = torch::empty({B, T, n_head, hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
+                                    &kScalarOps;
   Step st{B,
           T,
           n_head,
@@ -407,7 +396,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
           hd,
           n_head / n_kv,
           block_size,
-          width,
+          tables.size(1),
           1.f / std::sqrt(static_cast<float>(hd)),
           q.data_ptr<float>(),
           k.data_ptr<float>(),
@@ -415,24 +404,83 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
           {q.stride(0), q.stride(1), q.stride(2)},
           {k.stride(0), k.stride(1), k.stride(2)},
           {v.stride(0), v.stride(1), v.stride(2)},
-          y.data_ptr<float>(),
+          nullptr,
           k_pool.data_ptr(),
           v_pool.data_ptr(),
           quantized ? k_scale->data_ptr<float>() : nullptr,
           quantized ? v_scale->data_ptr<float>() : nullptr,
-          table_data,
-          past_data,
-          fresh_data};
+          tables.data_ptr<int32_t>(),
+          past.data_ptr<int64_t>(),
+          fresh.data_ptr<int64_t>()};
+  return {st, ops, slots / block_size};
+}
+
+// Checks every row's lengths and block ids against the pool; returns the step's multiply-adds (whether
+// a second thread pays).
+int64_t check_rows(const Step& st, int64_t num_blocks) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < st.B; ++b) {
+    const int64_t p = st.past[b], f = st.fresh[b];
+    TORCH_CHECK(p >= 0 && f >= 0 && f <= st.T, "row ", b, ": past must be >= 0 and 0 <= fresh <= T");
+    const int64_t used = (p + f + st.block_size - 1) / st.block_size;
+    TORCH_CHECK(used <= st.blocks_per_row, "row ", b, ": its block table holds ", st.blocks_per_row, " blocks, ", used,
+                " needed");
+    for (int64_t i = 0; i < used; ++i) {
+      const int32_t block = st.tables[b * st.blocks_per_row + i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "row ", b, ": block ", block, " is outside the pool");
+    }
+    work += 2 * f * (p + f) * st.hd * st.n_head;
+  }
+  return work;
+}
+
+// Runs the checked step into y (B, T, n_head, hd) contiguous.
+void run(const Prepared& prepared, float* y) {
+  Step st = prepared.st;
+  st.y = y;
+  const int64_t work = check_rows(st, prepared.num_blocks);
   // Tasks run row-major (task = b * n_kv + h): a row's kv heads, which share the slots' cache lines, run
   // back to back on one thread (7.4 vs 8.2 ms for a 16-row decode step's 30 layers, 1 thread, than
   // kv-head-major), and a row's writes and reads of one kv head stay inside one task (no races).
-  const int64_t tasks = B * n_kv;
+  const int64_t tasks = st.B * st.n_kv;
   const int64_t grain = work < kSerialWork ? tasks : 1;
+  const Ops& ops = *prepared.ops;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
-    for (int64_t task = begin; task < end; ++task) attend_task(st, ops, task / n_kv, task % n_kv, scratch);
+    for (int64_t task = begin; task < end; ++task) attend_task(st, ops, task / st.n_kv, task % st.n_kv, scratch);
   });
+}
+
+// Returns y (B, T, n_head, hd) contiguous; rows hold `fresh` tokens right-aligned in T columns.
+torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                              const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                              const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale,
+                              const torch::Tensor& tables, const torch::Tensor& past, const torch::Tensor& fresh,
+                              int64_t block_size, int64_t isa) {
+  RECORD_FUNCTION("lmstack::paged_attention", std::vector<c10::IValue>());  // named in torch.profiler tables
+  const Prepared prepared = prepare(q, k, v, k_pool, v_pool, k_scale, v_scale, tables, past, fresh, block_size, isa);
+  auto y = torch::empty({prepared.st.B, prepared.st.T, prepared.st.n_head, prepared.st.hd},
+                        q.options().memory_format(at::MemoryFormat::Contiguous));
+  run(prepared, y.data_ptr<float>());
   return y;
+}
+
+// A captured decode step (lmstack/model/cpu_graph.py): the same attention into y, the tensor the eager
+// call returned. Tables, past and fresh are read (and checked) on every run: the engine refills them
+// in place before each replay.
+py::capsule paged_attention_node(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                                 const c10::optional<torch::Tensor>& k_scale,
+                                 const c10::optional<torch::Tensor>& v_scale, const torch::Tensor& tables,
+                                 const torch::Tensor& past, const torch::Tensor& fresh, int64_t block_size, int64_t isa,
+                                 const torch::Tensor& y) {
+  const Prepared prepared = prepare(q, k, v, k_pool, v_pool, k_scale, v_scale, tables, past, fresh, block_size, isa);
+  const Step& st = prepared.st;
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == st.B * st.T * st.n_head * st.hd,
+              "paged_attention_node: y must be the contiguous (B, T, n_head, head_dim) output");
+  float* y_ptr = y.data_ptr<float>();
+  return lmstack_graph::make_node([prepared, q, k, v, k_pool, v_pool, k_scale, v_scale, tables, past, fresh, y,
+                                   y_ptr](int64_t) { run(prepared, y_ptr); });
 }
 
 }  // namespace
@@ -440,5 +488,6 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& k, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "causal attention of ragged rows over a paged KV pool; stores the step's keys/values first");
+  m.def("paged_attention_node", &paged_attention_node, "a captured decode step: paged_attention into y");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs: 0 scalar, 1 avx2");
 }

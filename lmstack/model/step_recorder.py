@@ -17,12 +17,15 @@ report to it without an import cycle.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch import Tensor
 
-_active: list[StepRecorder] = []  # the recorder of the step being captured, if any
+# The recorder of the step being captured on this thread, if any: per thread, so that a model running
+# on another thread (a second engine in the same server) never reports into this capture.
+_local = threading.local()
 
 
 def _storage(t: Tensor) -> int | None:
@@ -77,19 +80,21 @@ class StepRecorder:
 
 @contextlib.contextmanager
 def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
-    _active.append(recorder)
+    previous = active()
+    _local.recorder = recorder
     try:
         yield recorder
     finally:
-        _active.remove(recorder)
+        _local.recorder = previous
 
 
 def active() -> StepRecorder | None:
-    """The recorder capturing the current step, or None (the usual case: one list check)."""
-    return _active[-1] if _active else None
+    """The recorder capturing the current step on this thread, or None (the usual case)."""
+    return getattr(_local, "recorder", None)
 
 
 def note_inputs(*tensors: Tensor) -> None:
     """Declare the tensors a decode step starts from (called by `Transformer.forward`; no-op unless recording)."""
-    if _active:
-        _active[-1].note_inputs(tensors)
+    recorder = active()
+    if recorder is not None:
+        recorder.note_inputs(tensors)

@@ -4,6 +4,8 @@ capture that does not reproduce its logits is refused."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -146,3 +148,14 @@ def test_recorder_refuses_a_tensor_made_outside_the_recorded_ops():
     recorder.record(make_step, (made_elsewhere,), (torch.empty(4),))
     assert recorder.failure is not None and "outside the recorded ops" in recorder.failure
     assert len(made_steps) == 2 and recorder.produced(out) and not recorder.produced(weight)
+
+
+def test_a_recording_sees_only_its_own_thread():
+    recorder = step_recorder.StepRecorder([], position=0)
+    seen = []
+    with step_recorder.recording(recorder):
+        assert step_recorder.active() is recorder
+        worker = threading.Thread(target=lambda: seen.append(step_recorder.active()))
+        worker.start()
+        worker.join()
+    assert seen == [None] and step_recorder.active() is None

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from lmstack.compress.int8 import Int8Linear
-from lmstack.compress.smoothquant import W8A8Linear, quantize_per_token, smoothing_scales, smoothquant_model
+from lmstack.compress.smoothquant import (
+    W8A8Linear,
+    integer_matmul,
+    quantize_per_token,
+    smoothing_scales,
+    smoothquant_model,
+)
 from tests.eval.tiny import markov_tokens, token_loss, trained_tiny_model
 
 
@@ -23,6 +29,19 @@ def test_w8a8_linear_equals_its_integer_arithmetic_on_odd_shapes():
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), linear(x), rtol=0.05, atol=0.05)
     assert layer(x[:1, :1]).shape == (1, 1, 37)  # batch-1 decode
+
+
+@pytest.mark.parametrize("K", [96, 1024, 1536, 2080])
+def test_integer_matmul_is_exact_over_several_slices(K):
+    """The fp32 slices of `integer_matmul` give torch._int_mm's int32 sums, rounded to fp32 the same
+    way, even with every product at its extreme (sums far beyond 2**24)."""
+    g = torch.Generator().manual_seed(K)
+    codes = torch.randint(-127, 128, (5, K), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (7, K), generator=g, dtype=torch.int8)
+    codes[0], weight[0] = 127, -127  # |sum| = K * 16129: past fp32's exact integers from K = 1041
+    expected = (codes.long() @ weight.long().T).to(torch.int32).float()
+    assert torch.equal(integer_matmul(codes, weight), expected)
+    assert torch.equal(integer_matmul(codes, weight), torch._int_mm(codes, weight.T).float())
 
 
 def test_smoothing_reduces_error_with_outlier_activation_channels():

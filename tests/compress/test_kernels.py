@@ -14,7 +14,8 @@ from lmstack.errors import LmstackError
 PATHS = kernels.available_isas()
 # (batch rows M, in K, out N): odd N and M, K an odd number of 32-blocks, and M spanning the 4-row tiles
 # and the 64-row activation tiles of the GEMM path.
-# K = 800 is three 8-block chunks and an odd block (int4 pairs blocks, so an unpaired one must work too).
+# K = 800 is three 8-block chunks and an odd block (int4 pairs blocks, so an unpaired one must work too);
+# K = 640 holds groups of 320 (10 blocks), so one 8-block chunk straddles two groups.
 SHAPES = [
     (1, 32, 1),
     (1, 96, 37),
@@ -23,6 +24,7 @@ SHAPES = [
     (5, 576, 67),
     (1, 800, 7),
     (4, 1024, 5),
+    (3, 640, 13),
     (16, 96, 11),
     (66, 64, 5),
 ]
@@ -43,6 +45,13 @@ def _modules(k: int, n: int) -> dict[str, nn.Module]:
     if k % 128 == 0:
         mods["int4 g128 sym"] = Int4Linear.from_float(lin, 128, symmetric=True)
         mods["int8 g128"] = Int8Linear.from_float(lin, group_size=128)
+    if k % 64 == 0:
+        mods["int8 g64"] = Int8Linear.from_float(lin, group_size=64)
+    if k % 96 == 0:  # 3 blocks a group: the chunk scales' general path
+        mods["int8 g96"] = Int8Linear.from_float(lin, group_size=96)
+    if k % 320 == 0:  # 10 blocks a group: chunks that straddle two groups
+        mods["int4 g320 asym"] = Int4Linear.from_float(lin, 320, symmetric=False)
+        mods["int8 g320"] = Int8Linear.from_float(lin, group_size=320)
     return mods
 
 

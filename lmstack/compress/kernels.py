@@ -131,14 +131,14 @@ def qlinear(
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     ext = extension()
-    recorder = step_recorder.active()
     if uses_bf16_gemm(x.numel() // x.shape[-1], isa):
+        recorder = step_recorder.active()
         if recorder is not None:
             recorder.fail("the bf16 GEMM path is not replayable")
         return ext.qlinear_bf16(x, qweight, scales, mins, bias, bits, group_size)
     y = ext.qlinear(x, qweight, scales, mins, bias, bits, group_size, isa)
-    if recorder is not None:  # a decode step being captured (lmstack.model.cpu_graph)
-        recorder.record(ext.qlinear_node, (x, qweight, scales, mins, bias, bits, group_size, isa), (y,))
+    # A decode step being captured (lmstack.model.cpu_graph) replays this call.
+    step_recorder.report(ext.qlinear_node, (x, qweight, scales, mins, bias, bits, group_size, isa), y)
     return y
 
 

@@ -99,7 +99,5 @@ def paged_attention(
     ext, isa = extension(), selected_isa()
     args = (q, k, v, *pools, k_scale, v_scale, tables, past, new, block_size, isa)
     y = ext.paged_attention(*args)
-    recorder = step_recorder.active()
-    if recorder is not None:  # an engine decode step being captured (lmstack.model.cpu_graph)
-        recorder.record(ext.paged_attention_node, args, (y,))
+    step_recorder.report(ext.paged_attention_node, args, y)  # an engine decode step being captured
     return y.transpose(1, 2)  # (B, n_head, T, head_dim), a view of the (B, T, n_head, head_dim) result

@@ -65,21 +65,13 @@ def _ops(*tensors: Tensor):
     return extension()
 
 
-def _record(make_step, args: tuple, out) -> None:
-    """Report an op that ran (out: its result, a tensor or a tuple) to the step being captured, if any
-    (`lmstack.model.cpu_graph`); `make_step` is the extension's `*_node` for it."""
-    recorder = step_recorder.active()
-    if recorder is not None and out is not None:
-        recorder.record(make_step, args, out if isinstance(out, tuple) else (out,))
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim (fp32, contiguous), or None."""
     ext = _ops(x, weight)
     if ext is None:
         return None
     y = ext.rms_norm(x, weight, eps)
-    _record(ext.rms_norm_node, (x, weight, eps), y)
+    step_recorder.report(ext.rms_norm_node, (x, weight, eps), y)
     return y
 
 
@@ -89,7 +81,7 @@ def add(a: Tensor, b: Tensor) -> Tensor | None:
     if ext is None:
         return None
     y = ext.add(a, b)
-    _record(ext.add_node, (a, b), y)
+    step_recorder.report(ext.add_node, (a, b), y)
     return y
 
 
@@ -103,7 +95,7 @@ def rope_qkv(
     if ext is None:
         return None
     out = ext.rope_qkv(qkv, cos, signed_sin, n_head, n_kv_head)
-    _record(ext.rope_qkv_node, (qkv, cos, signed_sin, n_head, n_kv_head), out)
+    step_recorder.report(ext.rope_qkv_node, (qkv, cos, signed_sin, n_head, n_kv_head), out)
     return out
 
 
@@ -120,7 +112,7 @@ def silu_mul(gate_up: Tensor) -> Tensor | None:
     if ext is None:
         return None
     y = ext.silu_mul(gate_up)
-    _record(ext.silu_mul_node, (gate_up,), y)
+    step_recorder.report(ext.silu_mul_node, (gate_up,), y)
     return y
 
 
@@ -143,9 +135,8 @@ def decode_attention_cached(
         return None
     y = ext.decode_attention(q, k, v, k_cache, v_cache, past)
     recorder = step_recorder.active()
-    if recorder is not None and y is not None:
-        if past != recorder.position:
-            recorder.fail(f"attention at position {past} in a step captured at {recorder.position}")
-        # The step attends at whatever position the replay runs (it takes no `past`).
-        recorder.record(ext.decode_attention_node, (q, k, v, k_cache, v_cache), (y,))
+    if recorder is not None and y is not None and past != recorder.position:
+        recorder.fail(f"attention at position {past} in a step captured at {recorder.position}")
+    # The step attends at whatever position the replay runs (it takes no `past`).
+    step_recorder.report(ext.decode_attention_node, (q, k, v, k_cache, v_cache), y)
     return y

@@ -46,8 +46,7 @@ class StepRecorder:
         self.inputs: list[Tensor] = []  # the tensors `note_inputs` declared, refilled before each replay
         self.failure: str | None = None
         self._known = {_storage(t) for t in constants} - {None}
-        self._produced: set[int] = set()  # storages written by recorded steps
-        self._outputs: list[Tensor] = []  # kept alive: the replay writes into them
+        self._produced: set[int] = set()  # storages written by recorded steps (each step holds its outputs)
 
     def note_inputs(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
@@ -60,13 +59,11 @@ class StepRecorder:
             return
         for value in args:
             if isinstance(value, Tensor) and _storage(value) not in self._known:  # None is never known
-                name = getattr(make_step, "__name__", "an op")
-                self.failure = f"{name} read a tensor made outside the recorded ops"
+                self.fail(f"{getattr(make_step, '__name__', 'an op')} read a tensor made outside the recorded ops")
                 return
         for t in outputs:
             self._known.add(_storage(t))
             self._produced.add(_storage(t))
-            self._outputs.append(t)
         self.steps.append(make_step(*args, *outputs))
 
     def fail(self, reason: str) -> None:
@@ -91,6 +88,14 @@ def recording(recorder: StepRecorder) -> Iterator[StepRecorder]:
 def active() -> StepRecorder | None:
     """The recorder capturing the current step on this thread, or None (the usual case)."""
     return getattr(_local, "recorder", None)
+
+
+def report(make_step: Callable[..., Any], args: tuple, out: Tensor | tuple[Tensor, ...] | None) -> None:
+    """An op ran as `op(*args) -> out` (a tensor, a tuple, or None where it declined): record it in the
+    step being captured on this thread, if any. `make_step` is the extension's `*_node` for the op."""
+    recorder = active()
+    if recorder is not None and out is not None:
+        recorder.record(make_step, args, out if isinstance(out, tuple) else (out,))
 
 
 def note_inputs(*tensors: Tensor) -> None:

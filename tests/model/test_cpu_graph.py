@@ -76,14 +76,19 @@ def test_replay_runs_out_of_cache_room_with_a_clear_error():
         runner(torch.tensor([[3]]))
 
 
+def _first_decode_step(model: Transformer) -> tuple[cpu_graph.StepRunner, torch.Tensor]:
+    """A StepRunner after the prompt and one decode step (token 1): the step that is captured, if any."""
+    runner = cpu_graph.StepRunner(model, _cache(model))
+    runner(torch.tensor([PROMPT]))
+    return runner, runner(torch.tensor([[1]]))
+
+
 @torch.inference_mode()
 def test_plain_pytorch_ops_keep_the_step_eager():
     # fp32 nn.Linear runs through F.linear, which the recorder never sees: the next fused op reads its
     # output, so the capture is refused, and generation still runs (eagerly).
     model = _model(None)
-    runner = cpu_graph.StepRunner(model, _cache(model))
-    runner(torch.tensor([PROMPT]))
-    logits = runner(torch.tensor([[1]]))
+    runner, logits = _first_decode_step(model)
     assert runner.captured is None
     assert torch.equal(logits, _eager_logits(model, [1])[0])
 
@@ -100,10 +105,8 @@ def test_capture_that_does_not_reproduce_its_logits_is_refused(monkeypatch):
         return None if y is None else y.mul_(1.5)
 
     monkeypatch.setattr(cpu_ops, "silu_mul", silu_mul_then_scale)
-    runner = cpu_graph.StepRunner(model, _cache(model))
-    runner(torch.tensor([PROMPT]))
     with pytest.warns(UserWarning, match="did not reproduce its eager logits"):
-        logits = runner(torch.tensor([[1]]))
+        runner, logits = _first_decode_step(model)
     assert runner.captured is None
     assert torch.equal(logits, _eager_logits(model, [1])[0])
 
@@ -116,9 +119,7 @@ def test_capture_is_off_when_asked_or_out_of_scope(monkeypatch):
     assert not cpu_graph.can_capture(model, None)
     monkeypatch.setenv(cpu_graph.ENV, "0")
     assert not cpu_graph.can_capture(model, _cache(model))
-    runner = cpu_graph.StepRunner(model, _cache(model))
-    runner(torch.tensor([PROMPT]))
-    runner(torch.tensor([[1]]))
+    runner, _ = _first_decode_step(model)
     assert runner.captured is None
 
 

@@ -57,12 +57,13 @@ class Row:
     setup: Callable[[Context], Decode | None]  # None: the peer is not installed
 
 
-def lmstack_decoder(model, ctx: Context) -> Decode:
-    """Greedy single-stream decode through `generate_tokens`, weights fused once (quantized rows reuse it)."""
+def lmstack_decoder(model, ctx: Context, fuse: bool = True) -> Decode:
+    """Greedy single-stream decode through `generate_tokens`, weights fused once unless `fuse` is False
+    (quantized rows reuse it)."""
     from lmstack.engine.generate import SamplingParams, generate_tokens
     from lmstack.model.transformer import fuse_for_inference
 
-    model = fuse_for_inference(model.eval())
+    model = fuse_for_inference(model.eval()) if fuse else model.eval()
     params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
 
     def run() -> list[float]:
@@ -79,27 +80,29 @@ def _lmstack_fp32(ctx: Context) -> Decode:
     return lmstack_decoder(model, ctx)
 
 
-def _lmstack_fp32_row_major(ctx: Context) -> Decode:
-    """The fused fp32 model with its weights put back in PyTorch's (out, in) row-major layout: what
-    `store_input_major` gains (`lmstack_decoder` would fuse, and so re-lay, them again)."""
-    from lmstack.engine.generate import SamplingParams, generate_tokens
+def _lmstack_fp32_mkl(ctx: Context) -> Decode:
+    """The fused fp32 model with its linears back on `F.linear` (MKL) instead of `cpu_ops.linear`: what
+    the skinny-GEMM kernel gains (such a step cannot be captured, so it runs eagerly too)."""
     from lmstack.hub import load_model
-    from lmstack.model.transformer import fuse_for_inference
+    from lmstack.model.transformer import InferenceLinear, fuse_for_inference
 
     model = fuse_for_inference(load_model(ctx.model_ref)[0].eval())
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.weight.data = module.weight.data.contiguous()
-    params = SamplingParams(max_new_tokens=ctx.tokens, temperature=0, ignore_eos=True)
-
-    def run() -> list[float]:
-        return [now() for _ in generate_tokens(model, ctx.prompt_ids, params)]
-
-    run()  # warm-up
-    return run
+        if type(module) is InferenceLinear:
+            module.__class__ = torch.nn.Linear
+    return lmstack_decoder(model, ctx, fuse=False)
 
 
-def _transformers(ctx: Context) -> Decode | None:
+def _lmstack_bf16(ctx: Context) -> Decode:
+    """The model cast to bf16: bf16 weights read by `cpu_ops.linear` with fp32 sums (on CPUs without
+    bf16 arithmetic), activations rounded to bf16 between layers."""
+    from lmstack.hub import load_model
+
+    model, _ = load_model(ctx.model_ref)
+    return lmstack_decoder(model.to(torch.bfloat16), ctx)
+
+
+def _transformers(ctx: Context, dtype: torch.dtype = torch.float32) -> Decode | None:
     try:
         import transformers
         from transformers.generation.streamers import BaseStreamer
@@ -109,11 +112,9 @@ def _transformers(ctx: Context) -> Decode | None:
 
     _, path = resolve(ctx.model_ref)
     if str(path).endswith(".gguf"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
 
     class Clock(BaseStreamer):
@@ -224,7 +225,9 @@ def _llama_cpp_export(dtype: str) -> Callable[[Context], Decode | None]:
 ROWS: list[Row] = [
     Row("transformers fp32 generate()", _transformers),
     Row("lmstack fp32", _lmstack_fp32),
-    Row("lmstack fp32 row-major weights", _lmstack_fp32_row_major),
+    Row("lmstack fp32, linears through MKL", _lmstack_fp32_mkl),
+    Row("transformers bf16 generate()", lambda ctx: _transformers(ctx, torch.bfloat16)),
+    Row("lmstack bf16", _lmstack_bf16),
     Row("llama.cpp Q4_1 (GGUF)", _llama_cpp),
     Row("lmstack Q4_1 (same GGUF, packed)", _lmstack_quantized("gguf")),
     Row("llama.cpp Q8_0 (lmstack export)", _llama_cpp_export("q8_0")),

@@ -1,7 +1,7 @@
 """Serving under load: N concurrent streaming clients vs the same requests served one at a time.
 
 Run:  python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--clients 16] [--requests 32]
-                                     [--max-tokens 48] [--rounds 1] [--soak 0]
+                                     [--max-tokens 48] [--rounds 1] [--soak 0] [--gguf-weights packed]
 
 Starts `lmstack serve` in a subprocess on loopback and sends chat requests through the streaming
 API (SSE, `stream_options.include_usage`) with httpx. Every request generates exactly --max-tokens
@@ -183,7 +183,7 @@ def rss_mb(pid: int) -> float:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--model", f"bench={args.model}", "--port", "0"]
     cmd += ["--max-num-seqs", str(max(args.clients, 1)), "--max-batch-tokens", str(args.max_batch_tokens)]
-    cmd += ["--max-queue", str(max(args.requests, 256))]
+    cmd += ["--max-queue", str(max(args.requests, 256)), "--gguf-weights", args.gguf_weights]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     url = None
     for line in proc.stderr:
@@ -213,6 +213,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--gguf-weights",
+        choices=("packed", "float"),
+        default="packed",
+        help="a GGUF model's weights as they are (packed) or dequantized to fp32 (float), as `lmstack serve` takes it",
+    )
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of extra concurrent load with RSS samples")
     args = parser.parse_args()
     if min(args.clients, args.requests, args.max_tokens, args.rounds) < 1:

@@ -33,6 +33,7 @@ from lmstack.utils.cpp_ext import build
 ENV = "LMSTACK_CPU_OPS"
 CSRC = Path(__file__).parent / "csrc"
 _disabled = False  # set inside `disabled()`
+LINEAR_MAX_ROWS = 32  # `linear` serves up to this many rows (decode steps); MKL's GEMM beats it from here
 
 
 @functools.cache
@@ -40,7 +41,13 @@ def extension():
     """The compiled ops module, or None (off through `LMSTACK_CPU_OPS=0`, or not buildable: one warning)."""
     if os.environ.get(ENV, "1").strip() == "0":
         return None
-    return build("lmstack_cpu_ops", CSRC, ["cpu_ops.cpp"], ["graph_node.h"], "the fused CPU inference ops")
+    return build(
+        "lmstack_cpu_ops",
+        CSRC,
+        ["cpu_ops.cpp", "float_linear_avx2.cpp"],
+        ["graph_node.h", "float_linear.h"],
+        "the fused CPU inference ops",
+    )
 
 
 @contextlib.contextmanager
@@ -72,6 +79,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
         return None
     y = ext.rms_norm(x, weight, eps)
     step_recorder.report(ext.rms_norm_node, (x, weight, eps), y)
+    return y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x @ weight.T + bias for up to `LINEAR_MAX_ROWS` rows of x (fp32, contiguous) and a contiguous
+    (out, in) fp32 or bf16 weight (bias fp32), or None: more rows (prefill) are a GEMM that MKL does well."""
+    ext = _ops(x, weight)
+    if ext is None or x.numel() > LINEAR_MAX_ROWS * x.shape[-1]:
+        return None
+    y = ext.linear(x, weight, bias)
+    step_recorder.report(ext.linear_node, (x, weight, bias), y)
     return y
 
 

@@ -14,6 +14,7 @@ the engine's `PagedKVCache` for ragged batches. No second copy of attention exis
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -513,24 +514,46 @@ def _concat_linears(parts: list[nn.Module]) -> nn.Module | None:
     return concat_out(parts) if concat_out is not None else None
 
 
-def store_input_major(linear: nn.Linear) -> None:
-    """Keep a CPU linear's weight (out, in) with the input dimension outermost in memory (same values,
-    same shape: a transposed copy seen through `.t()`).
+class InferenceLinear(nn.Linear):
+    """A plain linear layer of a model fused for inference (`fuse_for_inference`): the same parameters,
+    state-dict keys and `nn.Linear` type, with a forward that runs decode-sized batches (up to
+    `cpu_ops.LINEAR_MAX_ROWS` rows) through `cpu_ops.linear` on the CPU, and a bf16 layer with fp32
+    arithmetic on CPUs without bf16 GEMMs.
 
-    `F.linear` of one token then runs as x @ W_t over a contiguous (in, out) matrix, a streaming
-    matrix-vector product, instead of one dot product per output row: measured on the 2-core EPYC,
-    one token through all SmolLM2-135M linears (540 MB) takes 25 ms instead of 36 ms at 1 thread.
-    Logits may differ from the row-major layout in the last bits (another summation order).
+    MKL's GEMM is built for large matrices: on 2 to 16 rows it read SmolLM2's weights at half the speed
+    it reads them for one row (docs/engine.md). A bf16 weight is widened in registers, so a bf16 model
+    reads half the bytes of fp32; larger bf16 batches (prefill) run MKL's fp32 GEMM on a widened copy
+    where oneDNN would otherwise emulate bf16 (7x slower than fp32 on an AVX2 CPU). Outputs stay in the
+    input's dtype, as a bf16 GEMM's would (fp32 sums, rounded once).
     """
-    weight = linear.weight
-    if weight.device.type == "cpu" and not weight.t().is_contiguous():
-        weight.data = weight.data.t().contiguous().t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.is_cpu:
+            return self._bf16_forward(x)
+        y = cpu_ops.linear(x, self.weight, self.bias)
+        return y if y is not None else F.linear(x, self.weight, self.bias)
+
+    def _bf16_forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or _native_bf16_gemm():
+            return F.linear(x, self.weight, self.bias)
+        x32 = x.float().contiguous()
+        bias = None if self.bias is None else self.bias.float()
+        y = cpu_ops.linear(x32, self.weight, bias)
+        if y is None:
+            y = F.linear(x32, self.weight.float(), bias)
+        return y.to(torch.bfloat16)
+
+
+@functools.cache
+def _native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), so oneDNN's bf16 GEMM is fast."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def fuse_for_inference(model: Transformer) -> Transformer:
-    """Replace q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj`, once, for decoding; on CPU
-    store every plain linear's weight input-major (`store_input_major`; a tied head shares it with the
-    embedding, whose row lookups read it strided).
+    """Replace q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj`, once, for decoding, and make
+    every plain linear an `InferenceLinear` (the same module object and parameters, so a head tied to
+    the embedding stays tied).
 
     A decode step is bound by reading weights, and one matmul over fused rows reads them in one
     pass instead of three (two) kernel launches. The separate modules are removed, so a fused model
@@ -551,5 +574,5 @@ def fuse_for_inference(model: Transformer) -> Transformer:
                 del module.gate_proj, module.up_proj
     for module in model.modules():
         if type(module) is nn.Linear:
-            store_input_major(module)
+            module.__class__ = InferenceLinear  # the forward changes, nothing else
     return model

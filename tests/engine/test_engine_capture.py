@@ -1,7 +1,7 @@
-"""The engine's captured decode steps (ModelRunner + lmstack.model.cpu_graph): with quantized weights,
-pure decode steps replay a captured step per batch size, and every output equals the eager engine's
-and single-stream generation's, token for token, under continuous batching, prefix caching, an int8
-KV cache, seeded sampling and reallocated row buffers."""
+"""The engine's captured decode steps (ModelRunner + lmstack.model.cpu_graph): with fused weights
+(quantized or float), pure decode steps replay a captured step per batch size, and every output equals
+the eager engine's and single-stream generation's, token for token, under continuous batching, prefix
+caching, an int8 KV cache, seeded sampling and reallocated row buffers."""
 
 from __future__ import annotations
 
@@ -78,13 +78,18 @@ def test_captures_are_bounded(int4_model, monkeypatch):
     assert 1 <= len(engine.runner._captured) <= 2
 
 
-def test_float_models_stay_eager():
+def test_float_models_are_captured_and_unfused_ones_stay_eager():
+    # Fused fp32 linears run `cpu_ops.linear`, which joins a capture; unfused ones run F.linear, which
+    # cannot, so their decode steps stay eager.
     model = tiny_model()
-    engine = _engine(model)
     prompts = mixed_prompts()[:3]
+    engine = _engine(model)
     assert _token_ids(engine, prompts) == reference(model, prompts)
-    assert not _captures(engine)
-    assert all(step is None for step in engine.runner._captured.values())
+    assert _captures(engine)
+    unfused = _engine(tiny_model(), fuse=False)
+    assert _token_ids(unfused, prompts) == reference(model, prompts)
+    assert not _captures(unfused)
+    assert all(step is None for step in unfused.runner._captured.values())
 
 
 def test_replayed_engine_logits_equal_eager_logits(int4_model, monkeypatch):

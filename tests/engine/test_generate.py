@@ -15,6 +15,7 @@ from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer
 from lmstack.model.io import save_model_dir
+from lmstack.model.transformer import InferenceLinear
 from lmstack.tokenizer import Tokenizer
 
 
@@ -123,15 +124,16 @@ def test_cli_generate_prints_only_generated_text(model_and_tokenizer, tmp_path):
 
 
 def test_load_for_inference_prepares_the_decode_layout_unless_asked_not_to(model_and_tokenizer, tmp_path):
-    """`lmstack generate`/`chat` load through here: q/k/v and gate/up fused, CPU weights input-major."""
+    """`lmstack generate`/`chat` load through here: q/k/v and gate/up fused, plain linears made
+    `InferenceLinear` (the decode-size kernel)."""
     model, tok = model_and_tokenizer
     save_model_dir(model, tmp_path / "m", tok)
     fused, _ = load_for_inference(str(tmp_path / "m"), "cpu")
     attn, ffn = fused.layers[0].attn, fused.layers[0].ffn
     assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj") and hasattr(ffn, "gate_up_proj")
-    assert attn.qkv_proj.weight.t().is_contiguous() and fused.lm_head.weight.t().is_contiguous()
+    assert type(attn.qkv_proj) is InferenceLinear and type(fused.lm_head) is InferenceLinear
     plain, _ = load_for_inference(str(tmp_path / "m"), "cpu", fuse=False)
-    assert plain.layers[0].attn.q_proj.weight.is_contiguous() and not hasattr(plain.layers[0].attn, "qkv_proj")
+    assert type(plain.layers[0].attn.q_proj) is torch.nn.Linear and not hasattr(plain.layers[0].attn, "qkv_proj")
 
 
 def test_cli_errors_are_one_line_exit_2(model_and_tokenizer, tmp_path):

@@ -38,7 +38,7 @@ def _eager_logits(model: Transformer, tokens: list[int]) -> list[torch.Tensor]:
     return [model(torch.tensor([[t]]), cache=cache, last_logits_only=True).logits.clone() for t in tokens]
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("method", [None, "int4", "int8"], ids=["fp32", "int4", "int8"])
 @torch.inference_mode()
 def test_replayed_steps_equal_eager_steps_bit_for_bit(method):
     model = _model(method)
@@ -47,7 +47,7 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit(method):
     runner(torch.tensor([PROMPT]))  # prefill: eager, never captured
     assert runner.captured is None
     replayed = [runner(torch.tensor([[t]])).clone() for t in tokens]
-    assert runner.captured is not None, "the first single-token step of a quantized model should be captured"
+    assert runner.captured is not None, "the first single-token step of a fused model should be captured"
     # 2 layers x (2 norms, qkv, rope, attention, o, add, gate_up, silu, down, add) + final norm + head
     assert len(runner.captured.program) == 2 * 11 + 2
     for got, want in zip(replayed, _eager_logits(model, tokens), strict=True):
@@ -85,9 +85,10 @@ def _first_decode_step(model: Transformer) -> tuple[cpu_graph.StepRunner, torch.
 
 @torch.inference_mode()
 def test_plain_pytorch_ops_keep_the_step_eager():
-    # fp32 nn.Linear runs through F.linear, which the recorder never sees: the next fused op reads its
-    # output, so the capture is refused, and generation still runs (eagerly).
-    model = _model(None)
+    # An unfused model's nn.Linear runs F.linear, which the recorder never sees: the next fused op reads
+    # its output, so the capture is refused, and generation still runs (eagerly).
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY)).eval()
     runner, logits = _first_decode_step(model)
     assert runner.captured is None
     assert torch.equal(logits, _eager_logits(model, [1])[0])

@@ -15,7 +15,14 @@ from torch.utils import cpp_extension
 from lmstack.config import model_config
 from lmstack.engine.generate import SamplingParams, generate_tokens
 from lmstack.model import KVCache, Transformer, cpu_ops
-from lmstack.model.transformer import RMSNorm, apply_rope, fuse_for_inference, rope_tables, signed_sin_table
+from lmstack.model.transformer import (
+    InferenceLinear,
+    RMSNorm,
+    apply_rope,
+    fuse_for_inference,
+    rope_tables,
+    signed_sin_table,
+)
 
 # Dims that are multiples of neither 8 nor 16: head_dim 14, d_model 42, d_ff 50, three query heads per
 # key/value head.
@@ -112,12 +119,58 @@ def test_silu_mul_extremes(ext):
     torch.testing.assert_close(out, F.silu(gate) * 2, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 37, 5), (3, 576, 13), (5, 100, 7), (16, 64, 31), (4, 7, 2), (32, 96, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+def test_linear_equals_the_float64_product(ext, M, K, N, dtype, portable):
+    # Odd K (tails of 1-7 columns), N not a multiple of the 2- or 4-row column blocks, 1-3 leftover rows.
+    x, weight, bias = torch.randn(M, K), torch.randn(N, K).to(dtype), torch.randn(N)
+    want = F.linear(x.double(), weight.double(), bias.double())
+    got = ext.linear(x, weight, bias, portable=portable)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * K**0.5)
+    torch.testing.assert_close(ext.linear(x, weight, None, portable=portable) + bias, got)
+
+
+def test_linear_rows_do_not_depend_on_the_rest_of_the_batch(ext):
+    # Each output sums its products in one order whatever the batch: a sequence decodes the same tokens
+    # alone and among 15 others (the engine's equivalence with single-stream generation rests on it).
+    x, weight = torch.randn(16, 200), torch.randn(300, 200)
+    batched = ext.linear(x, weight, None)
+    assert torch.equal(torch.cat([ext.linear(x[i : i + 1], weight, None) for i in range(16)]), batched)
+    assert torch.equal(ext.linear(x[3:10].contiguous(), weight, None), batched[3:10])
+
+
+def test_linear_leaves_prefill_sized_batches_to_pytorch(ext):
+    weight = torch.randn(8, 16)
+    with torch.inference_mode():
+        assert cpu_ops.linear(torch.randn(cpu_ops.LINEAR_MAX_ROWS, 16), weight, None) is not None
+        assert cpu_ops.linear(torch.randn(2, cpu_ops.LINEAR_MAX_ROWS // 2 + 1, 16), weight, None) is None
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_bf16_inference_linear_equals_bf16_rounding_of_fp32_sums(rows):
+    # A bf16 model on a CPU without bf16 GEMMs: fp32 sums over the bf16 weight, rounded once to bf16,
+    # both at decode sizes (the kernel) and prefill sizes (MKL over a widened copy).
+    linear = InferenceLinear(48, 24).bfloat16()
+    x = torch.randn(rows, 48).bfloat16()
+    with torch.inference_mode():
+        got = linear(x)
+    want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+
+
 def test_ops_decline_what_they_do_not_take(ext):
     x, weight = torch.randn(2, 8), torch.ones(8)
     assert ext.rms_norm(x.bfloat16(), weight, 1e-5) is None
     assert ext.rms_norm(torch.randn(8, 2).t(), weight, 1e-5) is None  # not contiguous
     assert ext.rms_norm(x, torch.ones(7), 1e-5) is None
     assert ext.silu_mul(torch.randn(3, 5)) is None  # odd last dim: no gate/up halves
+    assert ext.linear(x, torch.randn(8, 3).t(), None) is None  # weight not contiguous (N, K)
+    assert ext.linear(x, torch.randn(3, 8).half(), None) is None  # fp16 weight
+    assert ext.linear(x.bfloat16(), torch.randn(3, 8), None) is None  # activations must be fp32
+    assert ext.linear(x, torch.randn(3, 7), None) is None  # K mismatch
+    assert ext.linear(x, torch.randn(3, 8), torch.randn(4)) is None  # bias of the wrong size
     cos, sin = tables(1, 3, 6, False)
     assert ext.rope_qkv(torch.randn(1, 3, 5 * 6), cos, sin, 2, 1) is None  # 5 heads, not 2 + 2 * 1
     assert ext.rope_qkv(torch.randn(1, 4, 4 * 6), cos, sin, 2, 1) is None  # tables for 3 positions, not 4

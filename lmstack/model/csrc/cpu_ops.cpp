@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "float_linear.h"
 #include "graph_node.h"
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
@@ -477,6 +478,77 @@ std::optional<Tensor> decode_attention(const Tensor& q, const Tensor& k, const T
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Linear layers with float weights at decode sizes: y = x @ W^T + bias for a few activation rows
+// (float_linear.h; AVX2 + FMA in float_linear_avx2.cpp). MKL's GEMM is built for large matrices: at
+// 2-16 rows it streamed a SmolLM2 weight at half the speed it reads it for one row. The Python side
+// sends only batches of up to `cpu_ops.LINEAR_MAX_ROWS` rows here.
+
+bool avx2_fma() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// The portable path: one dot product per output, in plain C++.
+void fgemm_cols_scalar(const lmsf::FGemm& a, int64_t n_begin, int64_t n_end) {
+  const auto* wf = static_cast<const float*>(a.w);
+  const auto* wh = static_cast<const uint16_t*>(a.w);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.K;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < a.K; ++k) sum += x[k] * (a.bf16 ? bf16_to_float(wh[n * a.K + k]) : wf[n * a.K + k]);
+      a.y[m * a.N + n] = sum + (a.bias ? a.bias[n] : 0.f);
+    }
+  }
+}
+
+bool linear_applies(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  const auto wtype = weight.scalar_type();
+  return is_f32_contiguous(x) && x.dim() >= 1 && weight.device().is_cpu() && weight.dim() == 2 &&
+         weight.is_contiguous() && (wtype == at::kFloat || wtype == at::kBFloat16) && x.size(-1) == weight.size(1) &&
+         (!bias.has_value() || (is_f32_contiguous(*bias) && bias->numel() == weight.size(0)));
+}
+
+void linear_into(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& y,
+                 bool portable = false) {
+  const int64_t K = weight.size(1), N = weight.size(0), M = K ? x.numel() / K : 0;
+  const lmsf::FGemm a{x.data_ptr<float>(), M, K, N, weight.data_ptr(), weight.scalar_type() == at::kBFloat16,
+                      bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
+  static const bool has_simd = avx2_fma();
+  const bool simd = has_simd && !portable;
+  // At least ~64k multiply-adds a task: a second thread costs more than it saves on less.
+  const int64_t grain = std::max<int64_t>(4, (1 << 16) / std::max<int64_t>(1, M * K));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    if (simd) {
+      lmsf::fgemm_cols_avx2(a, begin, end);
+    } else {
+      fgemm_cols_scalar(a, begin, end);
+    }
+  });
+}
+
+std::optional<Tensor> linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, bool portable) {
+  RECORD_FUNCTION("lmstack::linear", std::vector<c10::IValue>());
+  if (!linear_applies(x, weight, bias)) return std::nullopt;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  Tensor y = at::empty(shape, x.options());
+  linear_into(x, weight, bias, y, portable);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Captured decode steps (lmstack/model/cpu_graph.py). Each `*_node` takes the tensors one eager call of
 // the op above read and returned, checks them as that op did, and returns a graph_node.h capsule that
 // recomputes the op into the same output tensors; the replayed program therefore reads and writes the
@@ -505,6 +577,12 @@ py::capsule silu_mul_node(const Tensor& gate_up, const Tensor& y) {
   TORCH_CHECK(is_f32_contiguous(gate_up) && is_f32_contiguous(y) && y.numel() * 2 == gate_up.numel(),
               "silu_mul_node: shapes");
   return make_node([gate_up, y](int64_t) { silu_mul_into(gate_up, y); });
+}
+
+py::capsule linear_node(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& y) {
+  TORCH_CHECK(linear_applies(x, weight, bias) && is_f32_contiguous(y) && y.numel() * weight.size(1) == x.numel() * weight.size(0),
+              "linear_node: shapes");
+  return make_node([x, weight, bias, y](int64_t) { linear_into(x, weight, bias, y); });
 }
 
 py::capsule add_node(const Tensor& a, const Tensor& b, const Tensor& y) {
@@ -569,6 +647,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_node", &rms_norm_node, "captured rms_norm step into y");
   m.def("rope_qkv_node", &rope_qkv_node, "captured rope_qkv step into q, k, v");
   m.def("silu_mul_node", &silu_mul_node, "captured silu_mul step into y");
+  m.def("linear", &linear, "x @ weight.T + bias for fp32 x and an fp32 or bf16 (N, K) weight, or None", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("portable") = false);
+  m.def("linear_simd", &avx2_fma, "whether linear runs its AVX2 + FMA kernel (else portable C++)");
+  m.def("linear_node", &linear_node, "captured linear into y");
   m.def("add_node", &add_node, "captured residual add into y");
   m.def("decode_attention_node", &decode_attention_node,
         "captured cached decode attention (store k/v at the replayed position, attend) into out");

@@ -93,8 +93,13 @@ class QuantizedLinear(nn.Module):
 
     # -- helpers ---------------------------------------------------------------------------------
     def packed_bytes(self) -> int:
-        """Bytes of packed weight data (buffers), what a decode step streams from memory."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        """Bytes of packed weight data as stored (the persistent buffers; a kernel-side copy such as NF4's
+        fp32 block absmax is not counted)."""
+        return sum(
+            b.numel() * b.element_size()
+            for name, b in self._buffers.items()
+            if b is not None and name not in self._non_persistent_buffers_set
+        )
 
     def extra_repr(self) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "method")

@@ -16,7 +16,8 @@ Buffers (state-dict keys under the slot): `qweight` uint8 (ceil(out*in/block)*bl
 byte, even index in the low nibble; `absmax_q` int8 (n_blocks,); `absmax_scale` float32 (n_groups,);
 `absmax_offset` float32 () (or (n_groups,): one per group, what an exact `concat_out` of several modules
 holds). `forward` dequantizes to x's dtype and runs `F.linear`, which is what
-QLoRA training needs (differentiable w.r.t. x); fast batch-1 decode uses the int4/int8 kernels.
+QLoRA training needs (differentiable w.r.t. x); decode-sized CPU batches without autograd run the NF4
+kernel of `lmstack.model.cpu_ops` instead (the codes read as they are, 4.1 bits a weight).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from lmstack.compress.base import QuantizedLinear, check_linear
 from lmstack.errors import LmstackError
+from lmstack.model import cpu_ops
 
 # The 16 NF4 levels (bitsandbytes' table): normal quantiles scaled to [-1, 1], with an exact zero.
 NF4_LEVELS = torch.tensor(
@@ -102,6 +104,10 @@ class NF4Linear(QuantizedLinear):
                     f"got {tensor.dtype} {tuple(tensor.shape)}; the checkpoint does not match its config"
                 )
             self.register_buffer(name, tensor.detach().contiguous())
+        # The kernel's inputs beside the codes, as non-persistent buffers: they move with the module, a
+        # captured decode step may read them, and checkpoints do not store them.
+        self.register_buffer("levels", NF4_LEVELS.clone(), persistent=False)
+        self._refresh_block_absmax()
 
     @classmethod
     def from_float(cls, linear: nn.Linear, block_size: int = 64, absmax_group: int = 256) -> NF4Linear:
@@ -145,6 +151,28 @@ class NF4Linear(QuantizedLinear):
 
     def absmax(self) -> Tensor:
         return _dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset, self.absmax_group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Decode-sized CPU batches without autograd run the NF4 kernel (`cpu_ops.nf4_linear`: codes
+        widened in registers, no fp32 copy of the weight); everything else dequantizes and runs F.linear
+        (QLoRA training, prefill)."""
+        if x.dtype == torch.float32 and x.is_cpu and x.is_contiguous():
+            y = cpu_ops.nf4_linear(
+                x, self.qweight, self.block_absmax, self.levels, self.out_features, self.block_size, self.bias
+            )
+            if y is not None:
+                return y
+        return super().forward(x)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_block_absmax()  # the codes were copied in place: the kernel's copy must follow
+
+    def _refresh_block_absmax(self) -> None:
+        """The fp32 absmax of every block, which the kernel reads (0.5 bits a weight; checkpoints keep
+        only the double-quantized codes)."""
+        with torch.no_grad():
+            self.register_buffer("block_absmax", self.absmax().contiguous(), persistent=False)
 
     def dequantize(self) -> Tensor:
         levels = NF4_LEVELS.to(self.qweight.device)[unpack_nibbles(self.qweight).long()]

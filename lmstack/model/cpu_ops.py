@@ -93,6 +93,27 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     return y
 
 
+def nf4_linear(
+    x: Tensor,
+    packed: Tensor,
+    block_absmax: Tensor,
+    levels: Tensor,
+    out_features: int,
+    block: int,
+    bias: Tensor | None,
+) -> Tensor | None:
+    """x @ W.T + bias for up to `LINEAR_MAX_ROWS` rows of x (fp32, contiguous) and NF4 weights (see
+    `lmstack.compress.nf4`: packed codes, the fp32 absmax of each block, the 16 levels), or None: more
+    rows, or blocks that span rows (in_features not a multiple of the block)."""
+    ext = _ops(x, packed)
+    if ext is None or x.numel() > LINEAR_MAX_ROWS * x.shape[-1]:
+        return None
+    args = (x, packed, block_absmax, levels, out_features, block, bias)
+    y = ext.nf4_linear(*args)
+    step_recorder.report(ext.nf4_linear_node, args, y)
+    return y
+
+
 def add(a: Tensor, b: Tensor) -> Tensor | None:
     """a + b for same-shaped contiguous fp32 tensors (the residual connection), or None."""
     ext = _ops(a, b)

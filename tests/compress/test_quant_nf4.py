@@ -112,3 +112,43 @@ def test_already_quantized_is_a_clear_error():
     q = NF4Linear.from_float(_linear(64, 16))
     with pytest.raises(LmstackError, match="already quantized"):
         NF4Linear.from_float(q)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "rows"), [(64, 5, 1), (576, 37, 3), (192, 64, 16), (128, 7, 32)]
+)
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+def test_nf4_kernel_equals_the_dequantized_product(in_features, out_features, rows, portable):
+    # Decode-sized batches read the packed codes as they are; the weights they stand for are exactly
+    # `dequantize()`'s (one fp32 product each), so only the summation order differs.
+    from lmstack.model import cpu_ops
+
+    layer = NF4Linear.from_float(_linear(in_features, out_features, seed=rows))
+    x = torch.randn(rows, in_features)
+    want = torch.nn.functional.linear(x.double(), layer.dequantize().double(), layer.bias.double())
+    got = cpu_ops.extension().nf4_linear(
+        x, layer.qweight, layer.absmax(), NF4_LEVELS, out_features, layer.block_size, layer.bias, portable=portable
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)  # the module takes it
+
+
+def test_nf4_kernel_declines_what_it_cannot_read():
+    from lmstack.model import cpu_ops
+
+    with torch.inference_mode():
+        # Blocks of 64 over 37 inputs span rows: the module dequantizes instead, with the same result.
+        spanning = NF4Linear.from_float(_linear(37, 11))
+        assert (
+            cpu_ops.nf4_linear(
+                torch.randn(2, 37), spanning.qweight, spanning.absmax(), NF4_LEVELS, 11, 64, spanning.bias
+            )
+            is None
+        )
+        x = torch.randn(2, 37)
+        torch.testing.assert_close(spanning(x), x @ spanning.dequantize().T + spanning.bias)
+        layer = NF4Linear.from_float(_linear(64, 8))
+        prefill = torch.randn(cpu_ops.LINEAR_MAX_ROWS + 1, 64)
+        assert cpu_ops.nf4_linear(prefill, layer.qweight, layer.absmax(), NF4_LEVELS, 8, 64, None) is None
+        torch.testing.assert_close(layer(prefill), prefill @ layer.dequantize().T + layer.bias, rtol=1e-5, atol=1e-5)

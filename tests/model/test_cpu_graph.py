@@ -38,7 +38,7 @@ def _eager_logits(model: Transformer, tokens: list[int]) -> list[torch.Tensor]:
     return [model(torch.tensor([[t]]), cache=cache, last_logits_only=True).logits.clone() for t in tokens]
 
 
-@pytest.mark.parametrize("method", [None, "int4", "int8"], ids=["fp32", "int4", "int8"])
+@pytest.mark.parametrize("method", [None, "int4", "int8", "nf4"], ids=["fp32", "int4", "int8", "nf4"])
 @torch.inference_mode()
 def test_replayed_steps_equal_eager_steps_bit_for_bit(method):
     model = _model(method)

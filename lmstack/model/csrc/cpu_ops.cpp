@@ -499,37 +499,55 @@ float bf16_to_float(uint16_t h) {
   return out;
 }
 
+float weight_at(const lmsf::FGemm& a, int64_t n, int64_t k) {
+  const int64_t offset = n * a.K + k;
+  if (a.wtype == lmsf::kF32) return static_cast<const float*>(a.w)[offset];
+  if (a.wtype == lmsf::kBF16) return bf16_to_float(static_cast<const uint16_t*>(a.w)[offset]);
+  const uint8_t byte = static_cast<const uint8_t*>(a.w)[offset / 2];
+  return a.levels[(byte >> (4 * (offset & 1))) & 15] * a.block_scale[offset / a.block];
+}
+
 // The portable path: one dot product per output, in plain C++.
 void fgemm_cols_scalar(const lmsf::FGemm& a, int64_t n_begin, int64_t n_end) {
-  const auto* wf = static_cast<const float*>(a.w);
-  const auto* wh = static_cast<const uint16_t*>(a.w);
   for (int64_t m = 0; m < a.M; ++m) {
     const float* x = a.x + m * a.K;
     for (int64_t n = n_begin; n < n_end; ++n) {
       float sum = 0.f;
-      for (int64_t k = 0; k < a.K; ++k) sum += x[k] * (a.bf16 ? bf16_to_float(wh[n * a.K + k]) : wf[n * a.K + k]);
+      for (int64_t k = 0; k < a.K; ++k) sum += x[k] * weight_at(a, n, k);
       a.y[m * a.N + n] = sum + (a.bias ? a.bias[n] : 0.f);
     }
   }
+}
+
+bool bias_fits(const std::optional<Tensor>& bias, int64_t N) {
+  return !bias.has_value() || (is_f32_contiguous(*bias) && bias->numel() == N);
 }
 
 bool linear_applies(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto wtype = weight.scalar_type();
   return is_f32_contiguous(x) && x.dim() >= 1 && weight.device().is_cpu() && weight.dim() == 2 &&
          weight.is_contiguous() && (wtype == at::kFloat || wtype == at::kBFloat16) && x.size(-1) == weight.size(1) &&
-         (!bias.has_value() || (is_f32_contiguous(*bias) && bias->numel() == weight.size(0)));
+         bias_fits(bias, weight.size(0));
 }
 
-void linear_into(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& y,
-                 bool portable = false) {
-  const int64_t K = weight.size(1), N = weight.size(0), M = K ? x.numel() / K : 0;
-  const lmsf::FGemm a{x.data_ptr<float>(), M, K, N, weight.data_ptr(), weight.scalar_type() == at::kBFloat16,
-                      bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
+// NF4 (lmstack/compress/nf4.py): packed (ceil(N * K / block) * block / 2) bytes, block_absmax fp32 per
+// block, levels the 16 fp32 code values; blocks must not span rows.
+bool nf4_applies(const Tensor& x, const Tensor& packed, const Tensor& block_absmax, const Tensor& levels, int64_t N,
+                 int64_t block, const std::optional<Tensor>& bias) {
+  if (!is_f32_contiguous(x) || x.dim() < 1 || block <= 0 || block % 8) return false;
+  const int64_t K = x.size(-1);
+  return K > 0 && K % block == 0 && N > 0 && packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
+         packed.is_contiguous() && packed.numel() >= N * K / 2 && is_f32_contiguous(block_absmax) &&
+         block_absmax.numel() >= N * K / block && is_f32_contiguous(levels) && levels.numel() == 16 &&
+         bias_fits(bias, N);
+}
+
+void gemm_into(const lmsf::FGemm& a, bool portable) {
   static const bool has_simd = avx2_fma();
   const bool simd = has_simd && !portable;
   // At least ~64k multiply-adds a task: a second thread costs more than it saves on less.
-  const int64_t grain = std::max<int64_t>(4, (1 << 16) / std::max<int64_t>(1, M * K));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(4, (1 << 16) / std::max<int64_t>(1, a.M * a.K));
+  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
     if (simd) {
       lmsf::fgemm_cols_avx2(a, begin, end);
     } else {
@@ -538,13 +556,47 @@ void linear_into(const Tensor& x, const Tensor& weight, const std::optional<Tens
   });
 }
 
+const float* bias_ptr(const std::optional<Tensor>& bias) { return bias.has_value() ? bias->data_ptr<float>() : nullptr; }
+
+void linear_into(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& y,
+                 bool portable = false) {
+  const int64_t K = weight.size(1), N = weight.size(0), M = K ? x.numel() / K : 0;
+  const int wtype = weight.scalar_type() == at::kBFloat16 ? lmsf::kBF16 : lmsf::kF32;
+  gemm_into({x.data_ptr<float>(), M, K, N, weight.data_ptr(), wtype, nullptr, nullptr, 0, bias_ptr(bias),
+             y.data_ptr<float>()},
+            portable);
+}
+
+void nf4_linear_into(const Tensor& x, const Tensor& packed, const Tensor& block_absmax, const Tensor& levels,
+                     int64_t N, int64_t block, const std::optional<Tensor>& bias, const Tensor& y,
+                     bool portable = false) {
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  gemm_into({x.data_ptr<float>(), M, K, N, packed.data_ptr(), lmsf::kNF4, block_absmax.data_ptr<float>(),
+             levels.data_ptr<float>(), block, bias_ptr(bias), y.data_ptr<float>()},
+            portable);
+}
+
+Tensor empty_output(const Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
+
 std::optional<Tensor> linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, bool portable) {
   RECORD_FUNCTION("lmstack::linear", std::vector<c10::IValue>());
   if (!linear_applies(x, weight, bias)) return std::nullopt;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  Tensor y = at::empty(shape, x.options());
+  Tensor y = empty_output(x, weight.size(0));
   linear_into(x, weight, bias, y, portable);
+  return y;
+}
+
+std::optional<Tensor> nf4_linear(const Tensor& x, const Tensor& packed, const Tensor& block_absmax,
+                                 const Tensor& levels, int64_t N, int64_t block, const std::optional<Tensor>& bias,
+                                 bool portable) {
+  RECORD_FUNCTION("lmstack::nf4_linear", std::vector<c10::IValue>());
+  if (!nf4_applies(x, packed, block_absmax, levels, N, block, bias)) return std::nullopt;
+  Tensor y = empty_output(x, N);
+  nf4_linear_into(x, packed, block_absmax, levels, N, block, bias, y, portable);
   return y;
 }
 
@@ -583,6 +635,16 @@ py::capsule linear_node(const Tensor& x, const Tensor& weight, const std::option
   TORCH_CHECK(linear_applies(x, weight, bias) && is_f32_contiguous(y) && y.numel() * weight.size(1) == x.numel() * weight.size(0),
               "linear_node: shapes");
   return make_node([x, weight, bias, y](int64_t) { linear_into(x, weight, bias, y); });
+}
+
+py::capsule nf4_linear_node(const Tensor& x, const Tensor& packed, const Tensor& block_absmax, const Tensor& levels,
+                            int64_t N, int64_t block, const std::optional<Tensor>& bias, const Tensor& y) {
+  TORCH_CHECK(nf4_applies(x, packed, block_absmax, levels, N, block, bias) && is_f32_contiguous(y) &&
+                  y.numel() * x.size(-1) == x.numel() * N,
+              "nf4_linear_node: shapes");
+  return make_node([x, packed, block_absmax, levels, N, block, bias, y](int64_t) {
+    nf4_linear_into(x, packed, block_absmax, levels, N, block, bias, y);
+  });
 }
 
 py::capsule add_node(const Tensor& a, const Tensor& b, const Tensor& y) {
@@ -651,6 +713,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("bias"), py::arg("portable") = false);
   m.def("linear_simd", &avx2_fma, "whether linear runs its AVX2 + FMA kernel (else portable C++)");
   m.def("linear_node", &linear_node, "captured linear into y");
+  m.def("nf4_linear", &nf4_linear, "x @ W.T + bias for fp32 x and NF4 weights (packed codes, absmax per block), or None",
+        py::arg("x"), py::arg("packed"), py::arg("block_absmax"), py::arg("levels"), py::arg("out_features"),
+        py::arg("block"), py::arg("bias"), py::arg("portable") = false);
+  m.def("nf4_linear_node", &nf4_linear_node, "captured nf4_linear into y");
   m.def("add_node", &add_node, "captured residual add into y");
   m.def("decode_attention_node", &decode_attention_node,
         "captured cached decode attention (store k/v at the replayed position, attend) into out");

@@ -5,7 +5,7 @@
 For each method a variant directory is written under `OUT/variants/` (each one a model reference), then
 measured in a fresh Python process of its own, so peak memory is that variant's alone:
   file size      bytes of the variant directory's weights (model.safetensors);
-  peak RAM       the process's maximum resident set after loading and generating (ru_maxrss);
+  peak RAM       the process's maximum resident set after loading and generating (`peak_rss_mb`);
   decode tok/s   greedy single-stream generation of `--decode-tokens` tokens (median of 3 runs);
   prefill tok/s  one forward pass over a 256-token prompt (median of 3);
   quality        perplexity and bits per byte on the built-in held-out text, greedy agreement with the
@@ -97,6 +97,20 @@ def _median_seconds(fn, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: Linux's VmHWM (the high-water mark of the memory image
+    the process runs now). `ru_maxrss` is not used there: it also counts the parent's resident set at
+    the fork that started this process, so every variant measured after a large one seemed as large
+    (the report's parent holds the models it builds)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux and the BSDs
+
+
 def measure_variant(directory: Path, reference_file: Path, limit: int, decode_tokens: int) -> dict[str, Any]:
     """Speed, memory and quality of one variant; run in a fresh process (`python -m lmstack.compress.report`)."""
     from lmstack.engine.generate import SamplingParams, generate_tokens, load_for_inference
@@ -115,13 +129,13 @@ def measure_variant(directory: Path, reference_file: Path, limit: int, decode_to
     )
     with torch.inference_mode():
         prefill_s = _median_seconds(lambda: model(prefill_ids, last_logits_only=True))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak_rss_mb()
     raw = json.loads(reference_file.read_text(encoding="utf-8"))
     reference = ReferenceContinuations(raw["prompts"], raw["continuations"], raw["vocab_size"])
     results = evaluate(model, ["ppl", "agreement", "mc"], tokenizer=tokenizer, reference=reference, limit=limit)
     return {
         "size_mb": (directory / "model.safetensors").stat().st_size / 1e6,
-        "peak_ram_mb": peak_kb / 1024,
+        "peak_ram_mb": peak_mb,
         "decode_tps": decode_tokens / decode_s,
         "prefill_tps": PREFILL_TOKENS / prefill_s,
         "ppl": results["ppl"]["ppl"],

@@ -546,8 +546,14 @@ class InferenceLinear(nn.Linear):
 
 @functools.cache
 def _native_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), so oneDNN's bf16 GEMM is fast."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), so oneDNN's bf16 GEMM is fast.
+    The probe is a private torch op; where a build lacks it, bf16 layers take the fp32-sum path, which is
+    correct everywhere."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+    except RuntimeError:
+        return False
 
 
 def fuse_for_inference(model: Transformer) -> Transformer:

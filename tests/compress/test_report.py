@@ -38,3 +38,18 @@ def test_unknown_method_is_a_clear_error():
     with pytest.raises(LmstackError, match="unknown compress-report method"):
         parse_methods("fp32,int3")
     assert main(["compress-report", "--model", "nowhere", "--methods", "fp32", "--out", "/tmp/x"]) == 2
+
+
+def test_peak_rss_counts_this_process_only(tmp_path):
+    # A child started by a parent holding ~800 MB must not report the parent's memory as its own
+    # (ru_maxrss does on Linux: the fork copies the parent's high-water mark).
+    import subprocess
+    import sys
+
+    code = (
+        "import subprocess, sys, torch; held = torch.ones(200_000_000); "
+        "print(subprocess.run([sys.executable, '-c', 'from lmstack.compress.report import peak_rss_mb; "
+        "print(peak_rss_mb())'], capture_output=True, text=True, check=True).stdout)"
+    )
+    child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 10 < child_mb < 700  # torch alone is ~300 MB; with the parent's it would be over 1000

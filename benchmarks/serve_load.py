@@ -1,7 +1,8 @@
 """Serving under load: N concurrent streaming clients vs the same requests served one at a time.
 
 Run:  python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--clients 16] [--requests 32]
-                                     [--max-tokens 48] [--rounds 1] [--soak 0] [--gguf-weights packed]
+                                     [--max-tokens 48] [--temperature 0] [--rounds 1] [--soak 0]
+                                     [--gguf-weights packed]
 
 Starts `lmstack serve` in a subprocess on loopback and sends chat requests through the streaming
 API (SSE, `stream_options.include_usage`) with httpx. Every request generates exactly --max-tokens
@@ -87,12 +88,12 @@ class Phase:
         )
 
 
-async def one_request(http: httpx.AsyncClient, model: str, text: str, max_tokens: int) -> Result:
+async def one_request(http: httpx.AsyncClient, model: str, text: str, max_tokens: int, temperature: float) -> Result:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -126,7 +127,9 @@ async def one_request(http: httpx.AsyncClient, model: str, text: str, max_tokens
     return Result(True, tokens, first - start, (end - first) / max(tokens - 1, 1))
 
 
-async def run_phase(url: str, model: str, name: str, prompts: list[str], clients: int, max_tokens: int) -> Phase:
+async def run_phase(
+    url: str, model: str, name: str, prompts: list[str], clients: int, max_tokens: int, temperature: float
+) -> Phase:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -134,7 +137,7 @@ async def run_phase(url: str, model: str, name: str, prompts: list[str], clients
 
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
-            results.append(await one_request(http, model, queue.get_nowait(), max_tokens))
+            results.append(await one_request(http, model, queue.get_nowait(), max_tokens, temperature))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -144,7 +147,9 @@ async def run_phase(url: str, model: str, name: str, prompts: list[str], clients
     return Phase(name, wall, results)
 
 
-async def soak(url: str, model: str, clients: int, max_tokens: int, seconds: float, pid: int) -> None:
+async def soak(
+    url: str, model: str, clients: int, max_tokens: int, temperature: float, seconds: float, pid: int
+) -> None:
     stop_at = time.monotonic() + seconds
     results: list[Result] = []
     rss: list[float] = []
@@ -152,7 +157,7 @@ async def soak(url: str, model: str, clients: int, max_tokens: int, seconds: flo
     async def client(http: httpx.AsyncClient, k: int) -> None:
         i = k
         while time.monotonic() < stop_at:
-            results.append(await one_request(http, model, prompt(i), max_tokens))
+            results.append(await one_request(http, model, prompt(i), max_tokens, temperature))
             i += clients
 
     async def sample() -> None:
@@ -212,6 +217,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per phase (the same in both)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
         "--gguf-weights",
@@ -226,12 +232,14 @@ def main() -> None:
     proc, url = start_server(args)
     try:
         prompts = [prompt(i) for i in range(args.requests)]
-        asyncio.run(run_phase(url, "bench", "warm-up", prompts[:2], 2, 4))
+        asyncio.run(run_phase(url, "bench", "warm-up", prompts[:2], 2, 4, args.temperature))
         ratios = []
         for r in range(args.rounds):
-            serial = asyncio.run(run_phase(url, "bench", "serial", prompts, 1, args.max_tokens))
+            serial = asyncio.run(run_phase(url, "bench", "serial", prompts, 1, args.max_tokens, args.temperature))
             concurrent = asyncio.run(
-                run_phase(url, "bench", f"{args.clients} clients", prompts, args.clients, args.max_tokens)
+                run_phase(
+                    url, "bench", f"{args.clients} clients", prompts, args.clients, args.max_tokens, args.temperature
+                )
             )
             print(f"round {r + 1}:\n  {serial.line()}\n  {concurrent.line()}")
             for phase in (serial, concurrent):
@@ -244,7 +252,7 @@ def main() -> None:
             f"(median of {args.rounds} round(s): {', '.join(f'{x:.2f}' for x in ratios)})"
         )
         if args.soak > 0:
-            asyncio.run(soak(url, "bench", args.clients, args.max_tokens, args.soak, proc.pid))
+            asyncio.run(soak(url, "bench", args.clients, args.max_tokens, args.temperature, args.soak, proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

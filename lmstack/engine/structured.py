@@ -14,6 +14,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lmstack.engine.sampling import SamplingParams
@@ -41,6 +42,9 @@ def _vocab_type(tokenizer: Tokenizer) -> Any:
     return xgr.VocabType.RAW
 
 
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
 @lru_cache(maxsize=8)
 def _compiler(tokenizer: Tokenizer, vocab_size: int) -> Any:
     xgr = _xgrammar()
@@ -57,7 +61,9 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, params: SamplingParam
     compiler = _compiler(tokenizer, vocab_size)
     try:
         if params.json_object:
-            return compiler.compile_builtin_json_grammar()
+            # OpenAI's JSON mode promises an object; xgrammar's built-in JSON grammar also admits a
+            # top-level array, so JSON mode is the schema of any object instead.
+            return compiler.compile_json_schema(JSON_OBJECT_SCHEMA)
         if params.json_schema is not None:
             schema = params.json_schema
             if isinstance(schema, str):
@@ -73,19 +79,42 @@ def compile_grammar(tokenizer: Tokenizer, vocab_size: int, params: SamplingParam
         raise LmstackError(f"{what} could not be compiled: {str(error).strip().splitlines()[0]}") from error
 
 
-class GrammarConstraint:
-    """A per-request logits processor: mask what the grammar forbids, follow what was emitted."""
+@lru_cache(maxsize=8)
+def _control_char_tokens(tokenizer: Tokenizer, vocab_size: int) -> Tensor:
+    """Ids of the tokens whose text holds a control character other than newline and carriage return.
 
-    def __init__(self, compiled: Any, vocab_size: int):
+    JSON allows none of them raw inside a string, but xgrammar's rule for a string with `maxLength` or
+    `minLength` admits every character except quote, backslash, CR and LF: a random model then wrote a
+    0x10 byte into a forced tool call's arguments, which `json.loads` rejects. Outside strings only
+    whitespace may appear, and newline and CR tokens are still allowed there (tab-only whitespace is
+    lost, which no JSON needs)."""
+    backend = tokenizer.backend
+    ids = [
+        i
+        for i in range(min(backend.get_vocab_size(), vocab_size))
+        if any(ord(c) < 0x20 and c not in "\n\r" for c in backend.decode([i], skip_special_tokens=False))
+    ]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class GrammarConstraint:
+    """A per-request logits processor: mask what the grammar forbids, follow what was emitted.
+
+    `banned`: token ids masked at every step on top of the grammar (control characters for JSON)."""
+
+    def __init__(self, compiled: Any, vocab_size: int, banned: Tensor | None = None):
         xgr = _xgrammar()
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.vocab_size = vocab_size
+        self.banned = banned if banned is not None and banned.numel() else None
 
     def mask(self, logits: Tensor) -> None:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         self._xgr.apply_token_bitmask_inplace(logits.view(1, -1), self.bitmask.to(logits.device))
+        if self.banned is not None:
+            logits.index_fill_(0, self.banned.to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_terminated():
@@ -96,4 +125,6 @@ class GrammarConstraint:
 
 
 def grammar_constraint(tokenizer: Tokenizer, vocab_size: int, params: SamplingParams) -> GrammarConstraint:
-    return GrammarConstraint(compile_grammar(tokenizer, vocab_size, params), vocab_size)
+    json_output = params.json_object or params.json_schema is not None
+    banned = _control_char_tokens(tokenizer, vocab_size) if json_output else None
+    return GrammarConstraint(compile_grammar(tokenizer, vocab_size, params), vocab_size, banned)

@@ -149,6 +149,6 @@ def test_nf4_kernel_declines_what_it_cannot_read():
         x = torch.randn(2, 37)
         torch.testing.assert_close(spanning(x), x @ spanning.dequantize().T + spanning.bias)
         layer = NF4Linear.from_float(_linear(64, 8))
-        prefill = torch.randn(cpu_ops.LINEAR_MAX_ROWS + 1, 64)
+        prefill = torch.randn(cpu_ops.DECODE_ROWS + 1, 64)
         assert cpu_ops.nf4_linear(prefill, layer.qweight, layer.absmax(), NF4_LEVELS, 8, 64, None) is None
         torch.testing.assert_close(layer(prefill), prefill @ layer.dequantize().T + layer.bias, rtol=1e-5, atol=1e-5)

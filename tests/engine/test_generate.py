@@ -10,7 +10,7 @@ import torch
 
 from lmstack.config import model_config
 from lmstack.engine.generate import generate_text, generate_tokens, load_for_inference
-from lmstack.engine.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p
+from lmstack.engine.sampling import SamplingParams, apply_repetition_penalty, draw_token, filter_top_k_top_p
 from lmstack.engine.stops import StopStringScanner
 from lmstack.errors import LmstackError
 from lmstack.model import Transformer
@@ -65,6 +65,23 @@ def test_sampling_filters():
     assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
     penalised = apply_repetition_penalty(torch.tensor([[2.0, -2.0, 1.0]]), torch.tensor([[0, 1]]), 2.0)
     assert penalised.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_draw_token_follows_the_weights_and_never_draws_a_zero():
+    weights = torch.zeros(1000)
+    weights[[3, 10, 500, 998]] = torch.tensor([0.1, 0.2, 0.3, 0.4]) * 7  # unnormalised, zeros in between
+    generator = torch.Generator().manual_seed(0)
+    draws = [draw_token(weights, generator) for _ in range(8000)]
+    assert set(draws) <= {3, 10, 500, 998}
+    counts = torch.tensor([draws.count(i) for i in (3, 10, 500, 998)], dtype=torch.float64)
+    expected = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) * 8000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # 3 degrees of freedom: p = 0.001
+    again = torch.Generator().manual_seed(0)
+    assert [draw_token(weights, again) for _ in range(50)] == draws[:50]
+    assert draw_token(torch.tensor([0.0, 0.0, 5.0])) == 2
+    with pytest.raises(LmstackError, match="zero probability"):
+        draw_token(torch.zeros(4))
 
 
 def test_seeded_sampling_is_reproducible(model_and_tokenizer):

@@ -119,7 +119,9 @@ def test_silu_mul_extremes(ext):
     torch.testing.assert_close(out, F.silu(gate) * 2, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize(("M", "K", "N"), [(1, 37, 5), (3, 576, 13), (5, 100, 7), (16, 64, 31), (4, 7, 2), (32, 96, 9)])
+@pytest.mark.parametrize(
+    ("M", "K", "N"), [(1, 37, 5), (3, 576, 13), (5, 100, 7), (16, 64, 31), (4, 7, 2), (32, 96, 9), (101, 72, 11)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
 def test_linear_equals_the_float64_product(ext, M, K, N, dtype, portable):
@@ -131,23 +133,29 @@ def test_linear_equals_the_float64_product(ext, M, K, N, dtype, portable):
     torch.testing.assert_close(ext.linear(x, weight, None, portable=portable) + bias, got)
 
 
-def test_linear_rows_do_not_depend_on_the_rest_of_the_batch(ext):
+@pytest.mark.parametrize("rows", [16, 100])  # the column-chunked path (5-32 rows) and the plain one
+def test_linear_rows_do_not_depend_on_the_rest_of_the_batch(ext, rows):
     # Each output sums its products in one order whatever the batch: a sequence decodes the same tokens
     # alone and among 15 others (the engine's equivalence with single-stream generation rests on it).
-    x, weight = torch.randn(16, 200), torch.randn(300, 200)
+    x, weight = torch.randn(rows, 200), torch.randn(300, 200)
     batched = ext.linear(x, weight, None)
-    assert torch.equal(torch.cat([ext.linear(x[i : i + 1], weight, None) for i in range(16)]), batched)
+    assert torch.equal(torch.cat([ext.linear(x[i : i + 1], weight, None) for i in range(rows)]), batched)
     assert torch.equal(ext.linear(x[3:10].contiguous(), weight, None), batched[3:10])
 
 
 def test_linear_leaves_prefill_sized_batches_to_pytorch(ext):
     weight = torch.randn(8, 16)
+    simd = ext.linear_simd()
+    fp32_rows = cpu_ops.LINEAR_MAX_ROWS if simd else cpu_ops.DECODE_ROWS
+    bf16_rows = cpu_ops.BF16_MAX_ROWS if simd else cpu_ops.DECODE_ROWS
     with torch.inference_mode():
-        assert cpu_ops.linear(torch.randn(cpu_ops.LINEAR_MAX_ROWS, 16), weight, None) is not None
-        assert cpu_ops.linear(torch.randn(2, cpu_ops.LINEAR_MAX_ROWS // 2 + 1, 16), weight, None) is None
+        assert cpu_ops.linear(torch.randn(fp32_rows, 16), weight, None) is not None
+        assert cpu_ops.linear(torch.randn(2, fp32_rows // 2 + 1, 16), weight, None) is None
+        assert cpu_ops.linear(torch.randn(bf16_rows, 16), weight.bfloat16(), None) is not None
+        assert cpu_ops.linear(torch.randn(bf16_rows + 1, 16), weight.bfloat16(), None) is None
 
 
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 40, 100])
 def test_bf16_inference_linear_equals_bf16_rounding_of_fp32_sums(rows):
     # A bf16 model on a CPU without bf16 GEMMs: fp32 sums over the bf16 weight, rounded once to bf16,
     # both at decode sizes (the kernel) and prefill sizes (MKL over a widened copy).

@@ -1,6 +1,7 @@
 // Skinny GEMM for the model's linear layers at inference: y (M, N) = x (M, K) @ W^T + bias for the few
-// activation rows of decode steps (one row single-stream, a row per sequence in the engine). W is
-// row-major (N, K) in one of three formats, widened to fp32 in registers:
+// activation rows of decode steps (one row single-stream, a row per sequence in the engine) and short
+// prefill chunks (up to cpu_ops.LINEAR_MAX_ROWS rows). W is row-major (N, K) in one of three formats,
+// widened to fp32 in registers:
 //   fp32;
 //   bf16 (uint16 bits: a bf16 model reads half the bytes on CPUs without bf16 arithmetic);
 //   NF4 (QLoRA's format, lmstack/compress/nf4.py): two 4-bit codes a byte, even index in the low

@@ -123,7 +123,7 @@ inline void column_block(const Reader<WT>& r, int64_t n0) {
 // block's first tile (measured 4-16% faster at 8-16 rows, same process). Each output's sums run in the
 // same order as in `tile`, so results are bit-identical.
 constexpr int64_t kChunk = 192;
-constexpr int64_t kMaxRows = 32;  // cpu_ops.LINEAR_MAX_ROWS
+constexpr int64_t kMaxRows = 32;  // beyond this (short prefill chunks, up to cpu_ops.LINEAR_MAX_ROWS): column_block
 
 template <int MT, int NT, int WT>
 inline void tile_chunk(const Reader<WT>& r, int64_t n0, int64_t m0, int64_t k0, int64_t k1, __m256* acc_out) {

@@ -34,12 +34,10 @@ ENV = "LMSTACK_CPU_OPS"
 CSRC = Path(__file__).parent / "csrc"
 _disabled = False  # set inside `disabled()`
 # Rows `linear` serves with its AVX2 kernel: decode steps, and the short prefill chunks and mixed engine
-# steps where MKL's GEMM is still slow. SmolLM2 prefill, same process: fp32 1.37x / 1.17x / 1.06x MKL at
-# 48 / 64 / 128 tokens (0.95x per layer at 160); bf16 1.12x / 1.22x at 48 / 64 but 0.84x at 128, where
-# MKL over a widened copy wins (the kernel widens each weight once per 4-row tile). NF4 and the portable
-# loop stop at DECODE_ROWS.
-LINEAR_MAX_ROWS = 128
-BF16_MAX_ROWS = 64
+# steps where MKL's GEMM is still slow. A SmolLM2 fp32 prefill forward, limit 32 vs 64 in one process,
+# two runs: 1.37x / 1.24x at 48 tokens, 1.17x / 1.17x at 64; at 96-128 tokens MKL was as fast or faster
+# (0.89-1.07x), bf16 weights 0.91-1.22x (docs/engine.md). NF4 and the portable loop stop at DECODE_ROWS.
+LINEAR_MAX_ROWS = 64
 DECODE_ROWS = 32
 
 
@@ -91,13 +89,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x @ weight.T + bias for a contiguous (out, in) fp32 or bf16 weight (bias fp32) and up to
-    `LINEAR_MAX_ROWS` rows of x (fp32, contiguous; `BF16_MAX_ROWS` for a bf16 weight, `DECODE_ROWS`
-    without AVX2), or None: more rows (prefill) are a GEMM that MKL does well."""
+    `LINEAR_MAX_ROWS` rows of x (fp32, contiguous; `DECODE_ROWS` without AVX2), or None: more rows
+    (prefill) are a GEMM that MKL does well."""
     ext = _ops(x, weight)
-    if ext is None:
-        return None
-    limit = LINEAR_MAX_ROWS if weight.dtype == torch.float32 else BF16_MAX_ROWS
-    if x.numel() > (limit if ext.linear_simd() else DECODE_ROWS) * x.shape[-1]:
+    if ext is None or x.numel() > (LINEAR_MAX_ROWS if ext.linear_simd() else DECODE_ROWS) * x.shape[-1]:
         return None
     y = ext.linear(x, weight, bias)
     step_recorder.report(ext.linear_node, (x, weight, bias), y)

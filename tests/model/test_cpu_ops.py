@@ -145,14 +145,11 @@ def test_linear_rows_do_not_depend_on_the_rest_of_the_batch(ext, rows):
 
 def test_linear_leaves_prefill_sized_batches_to_pytorch(ext):
     weight = torch.randn(8, 16)
-    simd = ext.linear_simd()
-    fp32_rows = cpu_ops.LINEAR_MAX_ROWS if simd else cpu_ops.DECODE_ROWS
-    bf16_rows = cpu_ops.BF16_MAX_ROWS if simd else cpu_ops.DECODE_ROWS
+    rows = cpu_ops.LINEAR_MAX_ROWS if ext.linear_simd() else cpu_ops.DECODE_ROWS
     with torch.inference_mode():
-        assert cpu_ops.linear(torch.randn(fp32_rows, 16), weight, None) is not None
-        assert cpu_ops.linear(torch.randn(2, fp32_rows // 2 + 1, 16), weight, None) is None
-        assert cpu_ops.linear(torch.randn(bf16_rows, 16), weight.bfloat16(), None) is not None
-        assert cpu_ops.linear(torch.randn(bf16_rows + 1, 16), weight.bfloat16(), None) is None
+        for w in (weight, weight.bfloat16()):
+            assert cpu_ops.linear(torch.randn(rows, 16), w, None) is not None
+            assert cpu_ops.linear(torch.randn(2, rows // 2 + 1, 16), w, None) is None
 
 
 @pytest.mark.parametrize("rows", [1, 40, 100])

@@ -210,3 +210,16 @@ def test_metrics_render_engine_and_request_figures():
         'lmstack_generation_tokens_total{experiment="exp",model="a"} 10.0',
     ]:
         assert line in text, line
+
+
+def test_token_rate_keeps_only_its_window_when_nobody_scrapes(monkeypatch):
+    from lmstack.serve import metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    rate = metrics._TokenRate()
+    for step in range(10_000):  # 100 events a second for 100 s, /metrics never read
+        clock[0] = step * 0.01
+        rate.add(2)
+    assert len(rate._events) <= 100 * metrics.RATE_WINDOW_S + 1
+    assert rate.rate() == pytest.approx(200, rel=0.02)

@@ -87,12 +87,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     return y
 
 
+@functools.cache
+def _linear_simd() -> bool:
+    """Whether `linear` runs its AVX2 kernel, probed once: `linear` asks on every call (~120 a token)."""
+    ext = extension()
+    return ext is not None and bool(ext.linear_simd())
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x @ weight.T + bias for a contiguous (out, in) fp32 or bf16 weight (bias fp32) and up to
     `LINEAR_MAX_ROWS` rows of x (fp32, contiguous; `DECODE_ROWS` without AVX2), or None: more rows
     (prefill) are a GEMM that MKL does well."""
     ext = _ops(x, weight)
-    if ext is None or x.numel() > (LINEAR_MAX_ROWS if ext.linear_simd() else DECODE_ROWS) * x.shape[-1]:
+    if ext is None or x.numel() > (LINEAR_MAX_ROWS if _linear_simd() else DECODE_ROWS) * x.shape[-1]:
         return None
     y = ext.linear(x, weight, bias)
     step_recorder.report(ext.linear_node, (x, weight, bias), y)
